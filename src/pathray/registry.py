@@ -1,0 +1,66 @@
+"""One registry for engines, tasks, samplers and backends: names in YAML, never import paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """A name that is unknown, or registered twice."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; people should read it plainly
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A named table of factories.
+
+    Registering a name twice is an error (two plugins must not silently shadow each other);
+    asking for an unknown name is an error that lists the known names, so a typo in a
+    config file says what would have worked.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that adds ``obj`` under ``name``."""
+
+        def add(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+
+        return add
+
+    def add(self, name: str, obj: T) -> None:
+        if name in self._items:
+            raise RegistryError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "none"
+            raise RegistryError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# The project's registries. Modules add to them when they are imported; `load_plugins`
+# imports the modules that hold the built-in entries.
+SLIDE_BACKENDS: Registry[type] = Registry("slide backend")
