@@ -1,0 +1,1 @@
+"""Slide access, tissue masks, samplers, annotations and synthetic slides (no Ray)."""

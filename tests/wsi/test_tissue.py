@@ -1,0 +1,65 @@
+"""Tissue masks: Otsu on saturation, scale-aware fractions, caching per slide version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pathray.wsi.open import open_slide
+from pathray.wsi.tissue import TissueConfig, TissueMask, otsu_threshold, segment_tissue, tissue_mask
+
+
+def test_otsu_splits_two_populations():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.6, 0.05, 5000)]).clip(0, 1)
+    t = otsu_threshold(values)
+    assert 0.15 < t < 0.45  # anywhere in the empty gap maximises the between-class variance
+    assert ((values > t) == (np.arange(10000) >= 5000)).all()
+
+
+def test_segment_tissue_finds_a_pink_disc_on_glass():
+    img = np.full((200, 300, 3), 242, np.uint8)
+    yy, xx = np.mgrid[:200, :300]
+    disc = (yy - 100) ** 2 + (xx - 150) ** 2 < 60**2
+    img[disc] = (220, 140, 190)
+    img[5:8, 5:8] = (120, 60, 140)  # a speck of dust: too small to be tissue
+    mask = segment_tissue(img, mpp=8.0, config=TissueConfig())
+    assert mask[disc].mean() > 0.97
+    assert mask[~disc].mean() < 0.01
+
+
+def test_fraction_is_in_level0_pixels_and_weights_partial_pixels():
+    m = np.zeros((10, 10), bool)
+    m[:, :5] = True  # left half is tissue
+    mask = TissueMask(m, downsample=16.0, mpp=4.0)
+    assert mask.fraction(0, 0, 160, 160) == pytest.approx(0.5)
+    assert mask.fraction(0, 0, 80, 160) == pytest.approx(1.0)
+    assert mask.fraction(80, 0, 80, 160) == pytest.approx(0.0)
+    assert mask.fraction(72, 0, 16, 16) == pytest.approx(0.5)  # straddles the edge by half
+    assert mask.fraction(4, 4, 8, 8) == pytest.approx(1.0)  # inside one mask pixel
+    assert mask.fraction(-160, 0, 320, 160) == pytest.approx(0.25)  # half outside the slide: glass
+    assert mask.fraction(10_000, 0, 16, 16) == 0.0
+    # a large, unaligned box: interior by the summed-area table, fractional edges by hand
+    assert mask.fraction(8, 8, 96, 144) == pytest.approx((80 - 8) / 96)
+
+
+def test_real_slide_mask_has_its_scale(testdata):
+    slide = open_slide(testdata / "aperio/CMU-1-Small-Region.svs", cache=False)
+    mask = tissue_mask(slide)
+    assert 8.0 <= mask.mpp <= 16.0
+    assert mask.downsample == pytest.approx(mask.mpp / 0.499, rel=0.01)
+    w, h = slide.dimensions
+    assert 0.2 < mask.fraction(0, 0, w, h) < 0.6  # a strip of skin on glass
+    # the glass at the top-right corner and the left edge is not tissue; the dense lower middle is
+    assert mask.fraction(w - 300, 0, 300, 300) < 0.05
+    assert mask.fraction(0, 1500, 300, 300) < 0.05
+    assert mask.fraction(900, 2100, 300, 300) > 0.9
+    assert tissue_mask(slide) is mask  # cached
+
+
+def test_mask_without_mpp_uses_max_size(testdata):
+    slide = open_slide(testdata / "aperio/tcga-cr-7395-01a-01-ts1.svs", cache=False)
+    mask = tissue_mask(slide, TissueConfig(max_size=512))
+    assert mask.mpp is None
+    assert max(mask.shape) == 512
+    assert 0.4 < mask.tissue_fraction_total < 0.9
