@@ -1,0 +1,1 @@
+"""Engines, task heads, losses, metrics and DINO (no Ray)."""
