@@ -40,7 +40,7 @@ def local_copy(location: Location, storage: StorageConfig | None) -> str:
     storage = storage or StorageConfig()
     info = stat(location, storage)
     key = hashlib.sha256(f"{location.uri}|{info['size']}|{info['tag']}".encode()).hexdigest()[:24]
-    root = Path(storage.cache_dir) if storage.cache_dir else default_cache_dir()
+    root = Path(storage.cache_dir).expanduser() if storage.cache_dir else default_cache_dir()
     target_dir = root / key
     target = target_dir / location.name
     if target.exists():
