@@ -116,12 +116,13 @@ def rasterize(
     width: int,
     height: int,
     background: int = 0,
+    dtype: type = np.uint8,
 ) -> np.ndarray:
-    """A ``(height, width)`` uint8 label map of the level-0 box at ``(x, y)``, ``downsample`` px per pixel.
+    """A ``(height, width)`` label map of the level-0 box at ``(x, y)``, ``downsample`` px per pixel.
 
     Later polygons paint over earlier ones. A pixel belongs to a polygon when its centre does.
     """
-    out = np.full((height, width), background, np.uint8)
+    out = np.full((height, width), background, dtype)
     x1, y1 = x + width * downsample, y + height * downsample
     for polygon, value in polygons:
         bx0, by0, bx1, by1 = polygon.bbox
