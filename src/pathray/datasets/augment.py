@@ -1,0 +1,135 @@
+"""Tile augmentations that keep targets aligned: flips, 90° turns, HED stain jitter, brightness/contrast.
+
+Also DINO multi-crop: a few large "global" and many small "local" views of one tile. Pure numpy
+and PIL, seeded by the caller's generator, so the same stream augments the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+# Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) as rows; RGB optical density = HED @ M.
+_HED_FROM_RGB_INV = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+_HED_FROM_RGB_INV /= np.linalg.norm(_HED_FROM_RGB_INV, axis=1, keepdims=True)
+_RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB_INV).astype(np.float32)
+
+
+class AugmentConfig(BaseModel):
+    """How strongly to augment; zeros switch a transform off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flips: bool = True
+    rot90: bool = True
+    hed_sigma: float = Field(
+        0.05, description="stain jitter: each HED channel scaled by 1±σ and shifted by ±σ"
+    )
+    brightness: float = Field(0.1, description="added brightness, fraction of full range")
+    contrast: float = Field(0.1, description="contrast factor 1±c around the tile mean")
+    global_crops: int = 2
+    global_size: int = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 6
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+def hed_jitter(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Perturb haematoxylin, eosin and DAB concentrations: the colour variation between labs."""
+    if sigma <= 0:
+        return image
+    rgb = np.maximum(image.astype(np.float32), 1.0) / 255.0
+    od = -np.log(rgb)  # optical density
+    hed = od.reshape(-1, 3) @ _RGB_FROM_HED
+    alpha = rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32)
+    beta = rng.uniform(-sigma, sigma, 3).astype(np.float32)
+    hed = hed * alpha + beta
+    out = np.exp(-(hed @ _HED_FROM_RGB_INV)).reshape(image.shape)
+    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+
+
+def brightness_contrast(
+    image: np.ndarray, brightness: float, contrast: float, rng: np.random.Generator
+) -> np.ndarray:
+    if brightness <= 0 and contrast <= 0:
+        return image
+    arr = image.astype(np.float32)
+    c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
+    b = rng.uniform(-brightness, brightness) * 255.0 if brightness > 0 else 0.0
+    mean = arr.mean()
+    return np.clip((arr - mean) * c + mean + b, 0, 255).astype(np.uint8)
+
+
+def _transform_points(points: np.ndarray, size: int, flip_x: bool, flip_y: bool, turns: int) -> np.ndarray:
+    """Apply the image's flips and 90° turns to ``(n, 3)`` rows (x, y, class); -1 rows stay."""
+    out = points.copy()
+    valid = out[:, 2] >= 0
+    x, y = out[valid, 0].copy(), out[valid, 1].copy()
+    if flip_x:
+        x = size - x
+    if flip_y:
+        y = size - y
+    for _ in range(turns):  # np.rot90 (counter-clockwise): (x, y) -> (y, size - x)
+        x, y = y, size - x
+    out[valid, 0], out[valid, 1] = x, y
+    return out
+
+
+def augment(
+    image: np.ndarray, target: Any, task: str, config: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, Any]:
+    """One augmented (image, target) pair; spatial targets move with the pixels."""
+    size = image.shape[0]
+    flip_x = bool(config.flips and rng.random() < 0.5)
+    flip_y = bool(config.flips and rng.random() < 0.5)
+    turns = int(rng.integers(0, 4)) if config.rot90 and image.shape[0] == image.shape[1] else 0
+
+    def spatial(a: np.ndarray) -> np.ndarray:
+        if flip_x:
+            a = a[:, ::-1]
+        if flip_y:
+            a = a[::-1]
+        if turns:
+            a = np.rot90(a, turns)
+        return np.ascontiguousarray(a)
+
+    image = spatial(image)
+    if task in ("segmentation", "instance") and target is not None:
+        target = spatial(target)
+    elif task == "detection" and target is not None:
+        target = _transform_points(target, size, flip_x, flip_y, turns)
+    image = hed_jitter(image, config.hed_sigma, rng)
+    image = brightness_contrast(image, config.brightness, config.contrast, rng)
+    return image, target
+
+
+def random_resized_crop(
+    image: np.ndarray, out_size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """A random square-ish crop covering ``scale`` of the area, resized to ``out_size``."""
+    h, w = image.shape[:2]
+    area = h * w * rng.uniform(*scale)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = int(round(min(w, max(1, np.sqrt(area * ratio)))))
+    ch = int(round(min(h, max(1, np.sqrt(area / ratio)))))
+    x = int(rng.integers(0, w - cw + 1))
+    y = int(rng.integers(0, h - ch + 1))
+    crop = Image.fromarray(image[y : y + ch, x : x + cw])
+    return np.asarray(crop.resize((out_size, out_size), Image.Resampling.BILINEAR))
+
+
+def multicrop(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """DINO views: ``global_0..`` and ``local_0..``, each cropped, flipped and colour-jittered."""
+    views: dict[str, np.ndarray] = {}
+    specs = [("global", config.global_crops, config.global_size, config.global_scale)]
+    specs.append(("local", config.local_crops, config.local_size, config.local_scale))
+    for name, count, size, scale in specs:
+        for i in range(count):
+            view = random_resized_crop(image, size, scale, rng)
+            view, _ = augment(view, None, "ssl", config, rng)
+            views[f"{name}_{i}"] = view
+    return views
