@@ -1,0 +1,1 @@
+"""Ray Data side of pathray: slide manifests, stratified splits, the online-patched tile stream."""
