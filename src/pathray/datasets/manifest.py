@@ -104,3 +104,136 @@ def synthetic_manifest(
         for s, split in zip(slides, splits, strict=True)
     ]
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+
+
+class ManifestError(ValueError):
+    """Everything wrong with a manifest, reported together, row by row."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        listed = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the manifest:\n{listed}")
+
+
+def load_manifest(source: str | Path, storage: Any = None) -> pd.DataFrame:
+    """Read a Parquet or CSV manifest from a path or any URI pathray reads slides from."""
+    from pathray.wsi.storage import filesystem, parse_uri, translate_error
+
+    text = str(source)
+    suffix = Path(text.split("?")[0]).suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ManifestError(text, [f"a manifest ends in .parquet or .csv, not {suffix or 'no suffix'!r}"])
+    location = parse_uri(text)
+    try:
+        with filesystem(location, storage).open(location.path, "rb") as fh:
+            frame = pd.read_parquet(fh) if suffix == ".parquet" else pd.read_csv(fh)
+    except FileNotFoundError:
+        raise ManifestError(text, ["no such file"]) from None
+    except Exception as exc:  # noqa: BLE001 - a broken file is a manifest problem, said plainly
+        err = translate_error(text, exc)
+        raise ManifestError(text, [err.cause]) from None
+    return frame
+
+
+def validate_manifest(
+    frame: pd.DataFrame,
+    source: str = "manifest",
+    storage: Any = None,
+    check_uris: bool = True,
+    workers: int = 8,
+) -> pd.DataFrame:
+    """Check columns, ids and (optionally) that every slide and annotation URI is reachable.
+
+    All problems are collected and raised together as a ``ManifestError`` naming rows (1-based,
+    as a spreadsheet shows them), so one run reports everything to fix.
+    """
+    problems: list[str] = []
+    required = ("slide_id", "uri", "split")
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ManifestError(
+            source, [f"missing column(s): {', '.join(missing)} (required: {', '.join(required)})"]
+        )
+    ids = frame["slide_id"].astype(str)
+    for slide_id, rows in frame.groupby(ids).groups.items():
+        if len(rows) > 1:
+            problems.append(f"rows {', '.join(str(r + 1) for r in rows)}: duplicate slide_id {slide_id!r}")
+    for i, row in enumerate(frame.itertuples(index=False), start=1):
+        if not isinstance(row.uri, str) or not row.uri.strip():
+            problems.append(f"row {i} ({row.slide_id}): empty uri")
+        if not isinstance(row.split, str) or not row.split.strip():
+            problems.append(f"row {i} ({row.slide_id}): empty split")
+    if check_uris:
+        problems.extend(_unreachable(frame, storage, workers))
+    if problems:
+        raise ManifestError(source, problems)
+    return frame
+
+
+def _unreachable(frame: pd.DataFrame, storage: Any, workers: int) -> list[str]:
+    """Stat every URI concurrently (object stores answer slowly one by one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pathray.wsi.errors import SlideError
+    from pathray.wsi.storage import parse_uri, stat
+
+    checks: list[tuple[int, str, str, str]] = []
+    for i, row in enumerate(frame.to_dict("records"), start=1):
+        for column in ("uri", "annotations_uri"):
+            value = row.get(column)
+            if isinstance(value, str) and value.strip():
+                checks.append((i, str(row["slide_id"]), column, value))
+
+    def check(item: tuple[int, str, str, str]) -> str | None:
+        i, slide_id, column, uri = item
+        try:
+            stat(parse_uri(uri), storage)
+        except SlideError as exc:
+            return f"row {i} ({slide_id}): {column} {exc}"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return [p for p in pool.map(check, checks) if p]
+
+
+TRAINING_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+def assign_fractions(
+    frame: pd.DataFrame,
+    fractions: Sequence[float] = TRAINING_FRACTIONS,
+    seed: int = 0,
+    stratify: str = "label",
+    split: str | None = "train",
+) -> pd.DataFrame:
+    """Add ``fraction``: the smallest training fraction whose subset holds the slide.
+
+    Subsets are nested (the 10 % subset lies inside the 25 % one, and so on) and stratified:
+    each label is ordered once by a seeded shuffle and every fraction takes its first
+    ``ceil(f * n)`` slides, at least one. Slides outside ``split`` get NaN.
+    """
+    fracs = sorted(float(f) for f in fractions)
+    if not fracs or fracs[0] <= 0 or fracs[-1] > 1:
+        raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
+    out = frame.copy()
+    out["fraction"] = np.nan
+    pool = out if split is None else out[out["split"] == split]
+    labels = pool[stratify].astype(str) if stratify in pool.columns else pd.Series("", index=pool.index)
+    for label in sorted(set(labels)):
+        index = pool.index[labels == label].to_numpy()
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        index = index[rng.permutation(len(index))]
+        for rank, row in enumerate(index):
+            for f in fracs:
+                if rank < max(1, int(np.ceil(f * len(index) - 1e-9))):
+                    out.loc[row, "fraction"] = f
+                    break
+    return out
+
+
+def select_fraction(frame: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """The slides of the ``fraction`` subset (needs ``assign_fractions`` first)."""
+    if "fraction" not in frame.columns:
+        raise ValueError("the manifest has no 'fraction' column; call assign_fractions first")
+    return frame[frame["fraction"] <= fraction + 1e-9]
