@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from scipy.ndimage import binary_erosion
 
 from pathray.wsi.geojson import read_geojson
+from pathray.wsi.geometry import points_in_ring
 from pathray.wsi.synth import (
     PATTERNS,
     SynthConfig,
     generate_geometry,
-    points_in_polygon,
     write_synthetic_slide,
     write_synthetic_slides,
 )
@@ -70,7 +70,7 @@ def _inside(slide, polygon: np.ndarray, level: int, margin: int = 4) -> np.ndarr
         rgb = np.asarray(tsl.read_region((int(x0), int(y0)), level, (w, h)).convert("RGB"))
     yy, xx = np.mgrid[0:h, 0:w]
     centres = np.stack([x0 + (xx.ravel() + 0.5) * d, y0 + (yy.ravel() + 0.5) * d], axis=1)
-    mask = binary_erosion(points_in_polygon(centres, polygon).reshape(h, w), iterations=margin)
+    mask = binary_erosion(points_in_ring(centres, polygon).reshape(h, w), iterations=margin)
     return rgb[mask]
 
 
@@ -120,7 +120,7 @@ def test_labels_cycle_and_regions_do_not_overlap():
         assert g.label == PATTERNS[seed % 4]
         for i, a in enumerate(g.regions):
             for b in g.regions[i + 1 :]:
-                assert not points_in_polygon(a.polygon, b.polygon).any()
+                assert not points_in_ring(a.polygon, b.polygon).any()
         labels.append(g.label)
     assert set(labels) == set(PATTERNS)
 

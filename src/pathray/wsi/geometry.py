@@ -43,15 +43,18 @@ def ring_area(ring: np.ndarray) -> float:
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
 
 
-def points_in_ring(points: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Even-odd ray casting, vectorised over points."""
-    px, py = points[:, 0][:, None], points[:, 1][:, None]
+def points_in_ring(points: np.ndarray, ring: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Even-odd ray casting, vectorised over points ``chunk`` at a time (bounded memory)."""
+    out = np.zeros(len(points), bool)
     x0, y0 = ring[:, 0][None, :], ring[:, 1][None, :]
     x1, y1 = np.roll(ring[:, 0], -1)[None, :], np.roll(ring[:, 1], -1)[None, :]
-    crosses = (y0 > py) != (y1 > py)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xs = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
-    return np.count_nonzero(crosses & (px < xs), axis=1) % 2 == 1
+    for s in range(0, len(points), chunk):
+        px, py = points[s : s + chunk, 0][:, None], points[s : s + chunk, 1][:, None]
+        crosses = (y0 > py) != (y1 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xs = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+        out[s : s + chunk] = np.count_nonzero(crosses & (px < xs), axis=1) % 2 == 1
+    return out
 
 
 def polygons_of(geometry: dict[str, Any]) -> list[Polygon]:

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    from pathray.wsi.synth import SlideGeometry
+    from pathray.wsi.synth_geometry import SlideGeometry
 
 # Tissue codes: what a pixel is made of. Shapes are drawn in order, so later codes cover earlier ones.
 GLASS, STROMA, EPI_BENIGN, EPI_TUMOR, LUMEN, SHEET, NUC_STROMA, NUC_EPI, NUC_TUMOR = range(9)
