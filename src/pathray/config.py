@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pathray.datasets.config import DataConfig
 from pathray.wsi.storage import StorageConfig
 from pathray.wsi.tissue import TissueConfig
 
@@ -32,10 +33,13 @@ class ObjectStoreConfig(Section):
     """The embedded S3-compatible endpoint used by the demo and the tests."""
 
     bucket: str = "pathray"
-    port: int = Field(0, description="S3 port; 0 picks a free one")
+    port: int = Field(0, ge=0, le=65535, description="S3 port; 0 picks a free one")
     data_dir: str | None = Field(None, description="where SeaweedFS keeps its data; None: a temp dir")
-    volume_size_limit_mb: int = 256
-    start_timeout_s: float = 60.0
+    volume_size_limit_mb: int = Field(256, gt=0, le=30000, description="SeaweedFS volume size")
+    start_timeout_s: float = Field(60.0, gt=0, description="how long to wait for S3 to accept writes")
+    stop_timeout_s: float = Field(
+        20.0, ge=0, description="SIGINT grace before SIGKILL when data_dir is kept (a temp dir gets 1 s)"
+    )
 
 
 class PathrayConfig(Section):
@@ -44,6 +48,7 @@ class PathrayConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
 
 def interpolate_env(value: Any) -> Any:

@@ -1,0 +1,272 @@
+"""The online-patched tile stream: manifest -> coordinates -> tiles read where they lie -> augmented rows.
+
+    ds = build_tile_dataset(manifest, StreamConfig(), storage, split="train", epoch=0)
+    for batch in ds.iter_torch_batches(batch_size=64):   # or ray.train.get_dataset_shard("train")
+        images, targets = batch["image"], batch["target"]
+
+Nothing is pre-extracted: each epoch samples new coordinates inside tissue, and reader actors
+(each keeping an LRU of open slides) cut the tiles from local disk or object storage by byte
+ranges, a batch per slide at a time. Execution streams with bounded memory; a slide that
+cannot be read is logged once, counted, and left out while the stream goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from pathray.datasets.augment import augment, multicrop
+from pathray.datasets.config import StreamConfig
+from pathray.wsi.errors import SlideError
+from pathray.wsi.samplers import SlideRegions, build_sampler, rng_for
+from pathray.wsi.storage import StorageConfig
+from pathray.wsi.targets import AnnotationIndex, make_target
+from pathray.wsi.tissue import TissueConfig
+
+if TYPE_CHECKING:
+    from pathray.datasets.faults import FaultLedger
+
+
+def _mpp_override(value: Any) -> float | None:
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if math.isfinite(mpp) and mpp > 0 else None
+
+
+def slide_rows(manifest: pd.DataFrame, split: str | None) -> list[dict[str, Any]]:
+    """The manifest rows a stream reads: one dict per slide of ``split`` (None: all)."""
+    frame = manifest if split is None else manifest[manifest["split"] == split]
+    rows = []
+    for row in frame.to_dict("records"):
+        rows.append(
+            {
+                "slide_id": str(row["slide_id"]),
+                "uri": str(row["uri"]),
+                "annotations_uri": str(row.get("annotations_uri") or "")
+                if pd.notna(row.get("annotations_uri"))
+                else "",
+                "mpp_override": _mpp_override(row.get("mpp")) or 0.0,
+            }
+        )
+    return rows
+
+
+def sample_slide(
+    row: dict[str, Any],
+    config: StreamConfig,
+    storage: StorageConfig,
+    tissue: TissueConfig,
+    epoch: int,
+    worker: int,
+    faults: FaultLedger | None,
+) -> list[dict[str, Any]]:
+    """Coordinates for one slide and epoch; an unreadable slide yields none and is reported."""
+    from pathray.wsi.open import open_slide
+    from pathray.wsi.tissue import tissue_mask
+
+    try:
+        slide = open_slide(row["uri"], storage, mpp=row["mpp_override"] or None, tile_cache=config.tile_cache)
+        slide.check()
+        if slide.mpp is None:
+            raise SlideError(row["uri"], "the slide has no usable mpp; set the manifest's mpp column")
+        mask = tissue_mask(slide, tissue)
+        regions = (
+            AnnotationIndex.load(row["annotations_uri"], storage).regions if row["annotations_uri"] else []
+        )
+    except (SlideError, ValueError, OSError) as exc:
+        if faults is not None:
+            faults.slide_failed(row["uri"], str(exc.cause if isinstance(exc, SlideError) else exc))
+        return []
+    w, h = slide.dimensions
+    geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
+    sampler = build_sampler(config.sampler)
+    coords = sampler.sample(geometry, rng_for(config.seed, epoch, worker, row["slide_id"]))
+    return [{**row, **c.as_row(), "epoch": epoch} for c in coords]
+
+
+class TileReader:
+    """A reader actor: keeps slides and annotations open, cuts a batch of tiles per slide at once."""
+
+    def __init__(
+        self, config: StreamConfig, storage: StorageConfig, faults: FaultLedger | None = None
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.faults = faults
+        self._annotations: OrderedDict[str, AnnotationIndex] = OrderedDict()
+
+    def _index(self, uri: str) -> AnnotationIndex:
+        if uri not in self._annotations:
+            self._annotations[uri] = AnnotationIndex.load(uri or None, self.storage)
+            while len(self._annotations) > 64:
+                self._annotations.popitem(last=False)
+        return self._annotations[uri]
+
+    def _read(
+        self, slide: Any, coords: list[tuple[int, int]], size: int, mpp: float
+    ) -> list[np.ndarray | None]:
+        """Read a group, retrying; a group that keeps failing is read tile by tile, skipping failures."""
+        for attempt in range(self.config.read_retries + 1):
+            try:
+                return list(slide.read_batch(coords, size, mpp))
+            except SlideError:
+                if self.faults is not None and attempt < self.config.read_retries:
+                    self.faults.retried()
+        out: list[np.ndarray | None] = []
+        for x, y in coords:
+            tile = None
+            for _ in range(self.config.read_retries + 1):
+                try:
+                    tile = slide.read(x, y, size, mpp)
+                    break
+                except SlideError as exc:
+                    cause = exc.cause
+            if tile is None and self.faults is not None:
+                self.faults.tiles_skipped(slide.uri, 1, cause)
+            out.append(tile)
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pathray.wsi.open import open_slide
+
+        n = len(batch["x"])
+        groups: dict[tuple[str, float, float, int], list[int]] = {}
+        for i in range(n):
+            key = (
+                str(batch["uri"][i]),
+                float(batch["mpp_override"][i]),
+                float(batch["mpp"][i]),
+                int(batch["size"][i]),
+            )
+            groups.setdefault(key, []).append(i)
+        tiles: list[np.ndarray | None] = [None] * n
+        slide_mpp: dict[str, float] = {}
+        for (uri, override, mpp, size), idx in groups.items():
+            try:
+                slide = open_slide(uri, self.storage, mpp=override or None, tile_cache=self.config.tile_cache)
+            except SlideError as exc:
+                if self.faults is not None:
+                    self.faults.slide_failed(uri, exc.cause)
+                continue
+            slide_mpp[uri] = slide.mpp or 0.0
+            coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in idx]
+            for i, tile in zip(idx, self._read(slide, coords, size, mpp), strict=True):
+                tiles[i] = tile
+        return self._rows(batch, tiles, slide_mpp)
+
+    def _rows(
+        self, batch: dict[str, np.ndarray], tiles: list[np.ndarray | None], slide_mpp: dict[str, float]
+    ) -> dict[str, np.ndarray]:
+        cfg = self.config
+        task = cfg.target.task
+        cols: dict[str, list[Any]] = {k: [] for k in ("slide_id", "x", "y", "mpp", "label")}
+        images: dict[str, list[np.ndarray]] = {}
+        targets: list[Any] = []
+        for i, tile in enumerate(tiles):
+            if tile is None:
+                continue
+            uri = str(batch["uri"][i])
+            x, y, mpp, size = (
+                int(batch["x"][i]),
+                int(batch["y"][i]),
+                float(batch["mpp"][i]),
+                int(batch["size"][i]),
+            )
+            slide_id = str(batch["slide_id"][i])
+            rng = np.random.default_rng(
+                [cfg.seed, int(batch["epoch"][i]), zlib.crc32(slide_id.encode()), x, y]
+            )
+            if task == "ssl":
+                for name, view in multicrop(tile, cfg.augment, rng).items():
+                    images.setdefault(name, []).append(view)
+            else:
+                extent = size * mpp / slide_mpp[uri]
+                target = make_target(
+                    self._index(str(batch["annotations_uri"][i])),
+                    cfg.target,
+                    x,
+                    y,
+                    extent,
+                    size,
+                    str(batch["label"][i]),
+                )
+                if cfg.augmentation:
+                    tile, target = augment(tile, target, task, cfg.augment, rng)
+                images.setdefault("image", []).append(tile)
+                targets.append(target)
+            for key, value in (
+                ("slide_id", slide_id),
+                ("x", x),
+                ("y", y),
+                ("mpp", mpp),
+                ("label", batch["label"][i]),
+            ):
+                cols[key].append(value)
+        out: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in cols.items()}
+        for name, views in images.items():
+            out[name] = np.stack(views) if views else np.zeros((0, 1, 1, 3), np.uint8)
+        if task != "ssl":
+            out["target"] = np.asarray(targets) if targets else np.zeros((0,), np.int64)
+        return out
+
+
+def build_tile_dataset(
+    manifest: pd.DataFrame,
+    config: StreamConfig | None = None,
+    storage: StorageConfig | None = None,
+    *,
+    split: str | None = "train",
+    epoch: int = 0,
+    worker: int = 0,
+    faults: FaultLedger | None = None,
+    tissue: TissueConfig | None = None,
+) -> Any:
+    """A streaming ``ray.data.Dataset`` of augmented tiles cut on the fly from the manifest's slides.
+
+    Rows: ``image`` (uint8 HWC; for ``ssl`` the views ``global_i``/``local_i`` instead), ``target``
+    (per the task), ``slide_id``, ``x``, ``y`` (level-0 top-left), ``mpp`` and ``label``.
+
+    Args:
+        manifest: one row per slide (``slide_id, uri, split, annotations_uri``, optional ``mpp``).
+        config: sampling, targets, augmentation and reader settings.
+        storage: endpoint and credentials for object storage.
+        split: which split to stream (None: every slide).
+        epoch, worker: with ``config.seed``, select the coordinate stream (never the same twice).
+        faults: a ``FaultLedger`` to count slides left out and tiles skipped.
+        tissue: how tissue masks are made (the project's ``tissue:`` section).
+    """
+    import ray
+
+    config = config or StreamConfig()
+    storage = storage or StorageConfig()
+    rows = slide_rows(manifest, split)
+    if not rows:
+        raise ValueError(f"the manifest has no slides in split {split!r}")
+    slides = ray.data.from_items(rows, override_num_blocks=len(rows))
+    coords = slides.flat_map(
+        sample_slide,
+        fn_kwargs={
+            "config": config,
+            "storage": storage,
+            "tissue": tissue or TissueConfig(),
+            "epoch": epoch,
+            "worker": worker,
+            "faults": faults,
+        },
+        num_cpus=config.reader_cpus,
+    )
+    return coords.map_batches(
+        TileReader,
+        fn_constructor_kwargs={"config": config, "storage": storage, "faults": faults},
+        batch_size=config.read_batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.readers)),
+        num_cpus=config.reader_cpus,
+    )
