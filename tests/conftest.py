@@ -1,0 +1,55 @@
+"""Shared fixtures: the SeaweedFS endpoint on 127.0.0.1 and the test slides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from pathray.cluster.local import LocalObjectStore
+    from pathray.wsi.storage import StorageConfig
+
+TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "slides"
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[LocalObjectStore]:
+    """One SeaweedFS for the whole session (~3 s to start); stopped and deleted at the end."""
+    from pathray.cluster.local import LocalObjectStore
+
+    store = LocalObjectStore().start()
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_storage(object_store: LocalObjectStore) -> StorageConfig:
+    """Admin credentials for ``object_store``."""
+    return object_store.storage_config()
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """The public test slides (/work/shared/testdata/slides, beside the repository)."""
+    if not TESTDATA.is_dir():
+        pytest.skip(f"test slides not found at {TESTDATA}")
+    return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the session, on 127.0.0.1, without dashboard or progress bars."""
+    import ray
+
+    from pathray.cluster.ray_local import ensure_ray
+
+    ensure_ray(num_cpus=4, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
