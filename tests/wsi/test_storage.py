@@ -144,3 +144,40 @@ def test_handles_are_safe_across_threads(testdata):
 def test_unicode_path(testdata):
     path = Path(testdata / "aperio/unicode-name/😐.svs")
     assert open_slide(path, cache=False).dimensions == (16, 16)
+
+
+def test_coalesce_merges_touching_and_near_ranges():
+    from pathray.wsi.storage import coalesce
+
+    offsets, lengths = [300, 0, 100, 1000], [50, 100, 100, 10]
+    assert coalesce(offsets, lengths, 0) == [(0, 200, [1, 2]), (300, 350, [0]), (1000, 1010, [3])]
+    assert coalesce(offsets, lengths, 100) == [(0, 350, [1, 2, 0]), (1000, 1010, [3])]
+    assert coalesce(offsets, lengths, 10_000) == [(0, 1010, [1, 2, 0, 3])]
+
+
+class _NoRangeHandler(_RangeHandler):
+    """A server that ignores Range and always sends the whole file."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        return http.server.SimpleHTTPRequestHandler.do_GET(self)
+
+
+@pytest.mark.parametrize("gap", [0, 1 << 20])
+def test_a_server_ignoring_ranges_still_gives_right_pixels(testdata, gap):
+    from pathray.wsi.storage import StorageConfig
+
+    handler = functools.partial(_NoRangeHandler, directory=str(testdata))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/aperio/CMU-1-Small-Region.svs"
+        slide = open_slide(url, StorageConfig(coalesce_gap=gap), cache=False, tile_cache=0)
+        local = open_slide(testdata / "aperio/CMU-1-Small-Region.svs", cache=False)
+        coords = [(300, 400), (1500, 2500), (1000, 100)]
+        for a, b in zip(
+            slide.read_batch(coords, 200, 0.499), local.read_batch(coords, 200, 0.499), strict=True
+        ):
+            assert np.array_equal(a, b)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -218,7 +218,13 @@ class TiffSlideBackend(Slide):
                 [lv.offsets[i] for i in fetch], [lv.bytecounts[i] for i in fetch]
             )
             for index, data in zip(fetch, datas, strict=True):
-                decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables, _fullsize=True)
+                try:
+                    decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables, _fullsize=True)
+                except Exception as exc:  # noqa: BLE001 - a codec's own error, said with the tile
+                    ty, tx = divmod(index, lv.across)
+                    raise SlideReadError(
+                        self.uri, f"tile ({tx}, {ty}) of level {level} does not decode: {describe(exc)}"
+                    ) from exc
                 tile = to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
                 self._cache.put((level, index), tile)
                 tiles[index] = tile
