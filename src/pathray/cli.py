@@ -1,0 +1,164 @@
+"""The ``pathray`` command: thin, every subcommand calls into the subpackages.
+
+pathray demo                          # synthetic slides -> embedded S3 -> read back -> masks
+pathray slides info s3://bucket/a.svs --json
+pathray slides tissue slide.svs --out mask.png
+pathray slides synth out/ --n 8 --seed 0 --size 20000
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pathray.config import ConfigError, PathrayConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+slides_app = typer.Typer(no_args_is_help=True, help="Open, inspect and synthesise whole-slide images.")
+app.add_typer(slides_app, name="slides")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=value")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit: errors are for people, not stack traces."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(func: F) -> F:
+    """Turn pathray's own errors into one line on stderr with exit code 2."""
+    from pathray.wsi.errors import SlideError
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (SlideError, ConfigError) as exc:
+            fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> PathrayConfig:
+    return load_config(config, overrides or [])
+
+
+@slides_app.command("info")
+@friendly
+def slides_info(
+    uri: Annotated[str, typer.Argument(help="path or URI (s3://, gs://, http(s)://, memory://, file://)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    mpp: Annotated[float | None, typer.Option(help="override the level-0 µm/px")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Print a slide's dimensions, levels, mpp, vendor and reader."""
+    from pathray.wsi.open import open_slide
+
+    cfg = _config(config, overrides)
+    slide = open_slide(uri, cfg.storage, mpp=mpp)
+    slide.check()
+    info = slide.info()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, title=uri)
+    for key, value in info.items():
+        table.add_row(key, json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value))
+    Console().print(table)
+
+
+@slides_app.command("tissue")
+@friendly
+def slides_tissue(
+    uri: Annotated[str, typer.Argument(help="path or URI of the slide")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write the mask to")] = Path("mask.png"),
+    mpp: Annotated[float | None, typer.Option(help="override the level-0 µm/px")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Write the slide's tissue mask as a PNG (white: tissue)."""
+    from pathray.wsi.open import open_slide
+    from pathray.wsi.tissue import tissue_mask
+
+    cfg = _config(config, overrides)
+    slide = open_slide(uri, cfg.storage, mpp=mpp)
+    mask = tissue_mask(slide, cfg.tissue)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mask.to_image().save(out)
+    mpp_text = f"{mask.mpp:.2f} µm/px" if mask.mpp else "unknown µm/px"
+    typer.echo(
+        f"{out}: {mask.shape[1]}x{mask.shape[0]} px at {mpp_text} "
+        f"(downsample {mask.downsample:.1f}), tissue {100 * mask.tissue_fraction_total:.1f}%"
+    )
+
+
+@slides_app.command("synth")
+@friendly
+def slides_synth(
+    out: Annotated[Path, typer.Argument(help="folder for the slides, annotations and manifest")],
+    n: Annotated[int, typer.Option("--n", help="number of slides")] = 8,
+    seed: Annotated[int, typer.Option(help="random seed: the same seed gives the same files")] = 0,
+    size: Annotated[int, typer.Option(help="level-0 width and height in pixels")] = 20000,
+    uri_prefix: Annotated[
+        str | None, typer.Option(help="URI prefix for the manifest (e.g. s3://b/slides)")
+    ] = None,
+) -> None:
+    """Write synthetic H&E-like pyramidal slides, their GeoJSON ground truth and a manifest."""
+    from pathray.datasets.manifest import synthetic_manifest, write_manifest
+    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+
+    if n < 1 or size < 512:
+        fail("--n must be at least 1 and --size at least 512")
+    out.mkdir(parents=True, exist_ok=True)
+    slides = write_synthetic_slides(out, n=n, seed=seed, config=SynthConfig(size=size))
+    manifest = write_manifest(
+        synthetic_manifest(slides, uri_prefix=uri_prefix, seed=seed), out / "manifest.parquet"
+    )
+    for s in slides:
+        typer.echo(f"{s.path}  {s.width}x{s.height}  label={s.label}")
+    typer.echo(f"manifest: {manifest}")
+
+
+@app.command("demo")
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its outputs")] = Path(
+        "pathray-demo"
+    ),
+    store: Annotated[str, typer.Option(help="'s3' (embedded SeaweedFS on 127.0.0.1) or 'local'")] = "s3",
+    n: Annotated[int, typer.Option("--n", help="synthetic slides")] = 4,
+    size: Annotated[int, typer.Option(help="slide size in pixels")] = 8192,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Run pathray end to end on embedded defaults: nothing to set up but the install."""
+    from pathray.cluster.demo import DemoOptions, run_demo
+
+    if store not in ("s3", "local"):
+        fail(f"--store must be 's3' or 'local', not {store!r}")
+    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Embedded local defaults (object store, local Ray) and job submission to Ray clusters."""
