@@ -270,3 +270,20 @@ def build_tile_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.readers)),
         num_cpus=config.reader_cpus,
     )
+
+
+def collate_tiles(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``iter_torch_batches(collate_fn=collate_tiles)``: numbers become tensors, ids stay strings.
+
+    Ray's default collation cannot turn ``slide_id`` and ``label`` into tensors; the training
+    loop still wants them (per-slide metrics, debugging), so they come through as lists.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if value.dtype.kind in "biuf":
+            out[key] = torch.from_numpy(np.require(value, requirements=["C", "W"]))
+        else:
+            out[key] = [str(v) for v in value]
+    return out

@@ -1,0 +1,159 @@
+"""The tile stream on a real local Ray: rows, targets, S3 = local, faults counted, epochs differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pathray.datasets.config import StreamConfig
+from pathray.datasets.manifest import synthetic_manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TILES = 12
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+
+    out = tmp_path_factory.mktemp("stream-slides")
+    return write_synthetic_slides(out, n=4, seed=0, config=SynthConfig(size=4096))
+
+
+@pytest.fixture(scope="module")
+def manifest(slides) -> pd.DataFrame:
+    frame = synthetic_manifest(slides)
+    frame["split"] = "train"
+    return frame
+
+
+def stream(manifest, storage=None, faults=None, epoch=0, **overrides) -> list[dict]:
+    from pathray.datasets.stream import build_tile_dataset
+
+    settings = {
+        "sampler": {"kind": "class_balanced", "tiles_per_slide": TILES},
+        "augmentation": False,
+        "readers": 1,
+    }
+    settings.update(overrides)
+    ds = build_tile_dataset(manifest, StreamConfig(**settings), storage, faults=faults, epoch=epoch)
+    rows = []
+    for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+        keys = list(batch)
+        rows.extend({k: batch[k][i] for k in keys} for i in range(len(batch["x"])))
+    return sorted(rows, key=lambda r: (str(r["slide_id"]), int(r["x"]), int(r["y"])))
+
+
+def test_rows_carry_tiles_and_aligned_targets(ray_local, manifest):
+    rows = stream(manifest)
+    assert len(rows) == len(manifest) * TILES
+    row = rows[0]
+    assert row["image"].shape == (224, 224, 3) and row["image"].dtype == np.uint8
+    assert row["target"].shape == (224, 224) and row["target"].dtype == np.uint8
+    assert set(row) == {"image", "target", "slide_id", "x", "y", "mpp", "label"}
+    classes = ["Background", "Benign", "G3", "G4", "G5"]
+    labelled = [r for r in rows if r["label"] != "Background"]
+    assert {r["label"] for r in labelled} >= {"Benign", "G3", "G4", "G5"}
+    for r in labelled:  # the tile is centred on a point of its class polygon
+        centre = r["target"][110:114, 110:114]
+        assert (centre == classes.index(r["label"])).any(), r["label"]
+    darkness = {
+        c: np.mean([255 - r["image"].mean() for r in labelled if r["label"] == c]) for c in ("Benign", "G5")
+    }
+    assert darkness["G5"] > darkness["Benign"] + 10, darkness
+
+
+def test_slides_in_the_bucket_stream_the_same_tiles(ray_local, manifest, slides, object_store, s3_storage):
+    for s in slides:
+        object_store.upload_file(s.path, object_store.url_for(f"stream/{s.path.name}"))
+        object_store.upload_file(
+            s.annotations_path, object_store.url_for(f"stream/{s.annotations_path.name}")
+        )
+    remote = synthetic_manifest(slides, uri_prefix=f"s3://{object_store.bucket}/stream")
+    remote["split"] = "train"
+    local_rows = stream(manifest, augmentation=True)
+    s3_rows = stream(remote, s3_storage, augmentation=True)
+    assert [(r["slide_id"], r["x"], r["y"]) for r in s3_rows] == [
+        (r["slide_id"], r["x"], r["y"]) for r in local_rows
+    ]
+    for a, b in zip(s3_rows, local_rows, strict=True):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["target"], b["target"])
+
+
+def corrupt_every_other_tile(path: Path, level: int) -> None:
+    """Overwrite the start of every other JPEG tile of ``level``: those reads fail to decode."""
+    from tiffslide import TiffSlide
+
+    page = TiffSlide(path).ts_tifffile.series[0].levels[level].keyframe
+    offsets = list(page.dataoffsets)
+    with open(path, "r+b") as fh:
+        for off in offsets[::2]:
+            fh.seek(off)
+            fh.write(b"\x00" * 64)
+
+
+def test_broken_slides_and_tiles_are_counted_and_the_stream_goes_on(
+    ray_local, manifest, slides, testdata, tmp_path
+):
+    from pathray.datasets.faults import FaultLedger
+
+    damaged = tmp_path / "damaged.svs"
+    damaged.write_bytes(slides[0].path.read_bytes())
+    corrupt_every_other_tile(damaged, level=1)  # 0.5 µm/px is level 1
+    broken = ["broken/broken.svs", "broken/unreadable.svs", "broken/notanimage.txt", "broken/zero_gi.tif"]
+    extra = [{"slide_id": Path(b).stem, "uri": str(testdata / b)} for b in broken]
+    extra.append({"slide_id": "missing", "uri": str(tmp_path / "missing.svs")})
+    extra.append(
+        {"slide_id": "damaged", "uri": str(damaged), "annotations_uri": str(slides[0].annotations_path)}
+    )
+    mixed = pd.concat([manifest, pd.DataFrame(extra)], ignore_index=True)
+    mixed["split"] = "train"
+    faults = FaultLedger()
+    rows = stream(mixed, faults=faults, sampler={"kind": "random_tissue", "tiles_per_slide": TILES})
+    summary = faults.summary()
+    assert set(summary["failed_slides"]) == {str(testdata / b) for b in broken} | {
+        str(tmp_path / "missing.svs")
+    }
+    assert "Bogus marker length" in summary["failed_slides"][str(testdata / "broken/unreadable.svs")]
+    assert summary["skipped_tiles"] > 0 and set(summary["tile_errors"]) == {str(damaged)}
+    damaged_rows = sum(r["slide_id"] == "damaged" for r in rows)
+    assert damaged_rows + summary["skipped_tiles"] == TILES
+    assert len(rows) == len(manifest) * TILES + damaged_rows
+    assert summary["retried_reads"] > 0
+
+
+def test_epochs_differ_and_a_seed_repeats(ray_local, manifest):
+    def coords(epoch: int) -> set:
+        rows = stream(manifest, epoch=epoch, sampler={"kind": "random_tissue", "tiles_per_slide": 6})
+        return {(str(r["slide_id"]), int(r["x"]), int(r["y"])) for r in rows}
+
+    first = coords(0)
+    assert coords(0) == first
+    assert len(coords(1) & first) <= 2
+
+
+def test_ssl_views_reach_torch(ray_local, manifest):
+    import torch
+
+    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+
+    cfg = StreamConfig(
+        sampler={"kind": "random_tissue", "tiles_per_slide": 4},
+        target={"task": "ssl"},
+        augment={"global_size": 64, "local_size": 32, "local_crops": 2},
+        readers=1,
+    )
+    ds = build_tile_dataset(manifest, cfg)
+    batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=collate_tiles))
+    total = sum(len(b["x"]) for b in batches)
+    assert total == len(manifest) * 4
+    b = batches[0]
+    assert isinstance(b["global_0"], torch.Tensor) and b["global_0"].dtype == torch.uint8
+    assert tuple(b["global_1"].shape[1:]) == (64, 64, 3) and tuple(b["local_1"].shape[1:]) == (32, 32, 3)
+    assert "target" not in b and "image" not in b
+    assert isinstance(b["slide_id"], list) and b["slide_id"][0].startswith("slide_")
+    assert b["x"].dtype == torch.int64
