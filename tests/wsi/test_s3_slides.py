@@ -93,3 +93,32 @@ def test_openslide_only_format_goes_through_a_local_copy(object_store, s3_storag
     assert copies == ["boxes_0.dcm", "boxes_1.dcm"], "a DICOM slide is its whole folder"
     local = open_slide(testdata / "dicom/boxes/boxes_0.dcm", cache=False)
     assert np.array_equal(slide.read_region(0, 0, 0, 16), local.read_region(0, 0, 0, 16))
+
+
+def test_presigned_and_filesystem_paths_read_the_same(remote_uri, s3_storage, synthetic):
+    plain = s3_storage.model_copy(update={"presigned_reads": False})
+    a = open_slide(remote_uri, s3_storage, cache=False, tile_cache=0)
+    b = open_slide(remote_uri, plain, cache=False, tile_cache=0)
+    coords = [(500 + 301 * i, 4000 - 211 * i) for i in range(12)]
+    for x, y in zip(a.read_batch(coords, 256, 0.5), b.read_batch(coords, 256, 0.5), strict=True):
+        assert np.array_equal(x, y)
+    assert a._ranges._presigned is not None and b._ranges._presigned is None
+
+
+def test_presigned_reads_report_access_and_missing(object_store, synthetic):
+    from pathray.wsi.ranges import RangeReader
+    from pathray.wsi.storage import ByteCounter, parse_uri
+
+    object_store.ensure_bucket("pathray-private")
+    uri = object_store.upload_file(synthetic, "s3://pathray-private/ranges.svs")
+    limited = RangeReader(parse_uri(uri), object_store.storage_config("limited"), ByteCounter())
+    with pytest.raises(SlideAccessError, match="HTTP 403"):
+        limited.read_ranges([0], [16])
+    admin = object_store.storage_config()
+    assert RangeReader(parse_uri(uri), admin, ByteCounter()).read_ranges([0, 8], [4, 4]) == [
+        synthetic.read_bytes()[0:4],
+        synthetic.read_bytes()[8:12],
+    ]
+    missing = RangeReader(parse_uri(object_store.url_for("wsi-tests/gone.svs")), admin, ByteCounter())
+    with pytest.raises(SlideNotFoundError, match="404"):
+        missing.read_ranges([0], [16])

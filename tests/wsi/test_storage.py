@@ -147,7 +147,7 @@ def test_unicode_path(testdata):
 
 
 def test_coalesce_merges_touching_and_near_ranges():
-    from pathray.wsi.storage import coalesce
+    from pathray.wsi.ranges import coalesce
 
     offsets, lengths = [300, 0, 100, 1000], [50, 100, 100, 10]
     assert coalesce(offsets, lengths, 0) == [(0, 200, [1, 2]), (300, 350, [0]), (1000, 1010, [3])]

@@ -17,7 +17,6 @@ from pathray.wsi.errors import (
     SlideAccessError,
     SlideError,
     SlideNotFoundError,
-    SlideReadError,
     UnsupportedSchemeError,
 )
 
@@ -43,6 +42,11 @@ class StorageConfig(BaseModel):
         ge=0,
         description="remote reads: merge tile ranges this many bytes apart or closer into one request",
     )
+    presigned_reads: bool = Field(
+        True,
+        description="s3: fetch tile ranges over a presigned URL with a plain HTTP pool (less CPU)",
+    )
+    presign_expires_s: int = Field(3600, gt=60, description="lifetime of presigned URLs; renewed at 80 %")
 
     def options_for(self, protocol: str) -> dict[str, Any]:
         """fsspec storage options for ``protocol``."""
@@ -198,95 +202,3 @@ def open_file(location: Location, storage: StorageConfig | None, counter: ByteCo
     except Exception as exc:  # noqa: BLE001
         raise translate_error(location.uri, exc) from None
     return CountingFile(raw, counter)
-
-
-class RangeReader:
-    """Reads exact byte ranges of one object, concurrently where the storage allows it."""
-
-    def __init__(self, location: Location, storage: StorageConfig | None, counter: ByteCounter) -> None:
-        self.location = location
-        self.counter = counter
-        self._fs = None if location.is_local else filesystem(location, storage)
-        self._fd: int | None = None
-        self._warned = False
-        self._gap = (storage or StorageConfig()).coalesce_gap
-        if location.is_local:
-            self._fd = os.open(location.path, os.O_RDONLY)
-
-    def read_ranges(self, offsets: list[int], lengths: list[int]) -> list[bytes]:
-        """Bytes at ``offsets[i]:offsets[i]+lengths[i]``.
-
-        Remote ranges go out in one concurrent batch, and ranges that touch (or lie within
-        ``coalesce_gap`` bytes of each other) are merged first: tiles of one pyramid row sit
-        side by side in the file, and on object storage each request costs far more than
-        its bytes.
-        """
-        if not offsets:
-            return []
-        if self._fd is not None:
-            out = [os.pread(self._fd, n, off) for off, n in zip(offsets, lengths, strict=True)]
-            for off, n, chunk in zip(offsets, lengths, out, strict=True):
-                self.counter.add(len(chunk))
-                if len(chunk) != n:
-                    raise SlideReadError(
-                        self.location.uri, f"short read: {len(chunk)} of {n} bytes at offset {off}"
-                    )
-            return out
-        spans = coalesce(offsets, lengths, self._gap)
-        datas = self._fetch([s for s, _, _ in spans], [e for _, e, _ in spans])
-        out = [b""] * len(offsets)
-        for (start, end, members), data in zip(spans, datas, strict=True):
-            self.counter.add(len(data))
-            if len(data) != end - start:
-                data = self._whole_object_fallback(data, start, end - start)
-            for i in members:
-                rel = offsets[i] - start
-                out[i] = data[rel : rel + lengths[i]]
-        return out
-
-    def _fetch(self, starts: list[int], ends: list[int]) -> list[bytes]:
-        assert self._fs is not None
-        path = self.location.path
-        try:
-            if hasattr(self._fs, "cat_ranges"):
-                out = self._fs.cat_ranges([path] * len(starts), starts, ends)
-            else:
-                out = [self._fs.cat_file(path, start=s, end=e) for s, e in zip(starts, ends, strict=True)]
-        except Exception as exc:  # noqa: BLE001
-            raise translate_error(self.location.uri, exc) from None
-        for item in out:
-            if isinstance(item, BaseException):
-                raise translate_error(self.location.uri, item)
-        return out
-
-    def _whole_object_fallback(self, chunk: bytes, off: int, n: int) -> bytes:
-        """A server that ignores Range sends the whole object: slice it, and say so once."""
-        if len(chunk) >= off + n:
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "%s: the server ignored a byte-range request; whole objects are fetched",
-                    self.location.uri,
-                )
-            return chunk[off : off + n]
-        raise SlideReadError(self.location.uri, f"short read: {len(chunk)} of {n} bytes at offset {off}")
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def coalesce(offsets: list[int], lengths: list[int], gap: int) -> list[tuple[int, int, list[int]]]:
-    """Merge ranges into ``(start, end, member indices)`` spans; ranges ``gap`` bytes apart or closer join."""
-    order = sorted(range(len(offsets)), key=lambda i: offsets[i])
-    spans: list[tuple[int, int, list[int]]] = []
-    for i in order:
-        start, end = offsets[i], offsets[i] + lengths[i]
-        if spans and start - spans[-1][1] <= gap:
-            s0, e0, members = spans[-1]
-            members.append(i)
-            spans[-1] = (s0, max(e0, end), members)
-        else:
-            spans.append((start, end, [i]))
-    return spans

@@ -15,8 +15,9 @@ import numpy as np
 
 from pathray.registry import SLIDE_BACKENDS
 from pathray.wsi.errors import SlideFormatError, SlideReadError
+from pathray.wsi.ranges import RangeReader
 from pathray.wsi.slide import FILL, Slide, to_rgb
-from pathray.wsi.storage import Location, RangeReader, StorageConfig, open_file
+from pathray.wsi.storage import Location, StorageConfig, open_file
 
 
 def describe(exc: BaseException) -> str:
@@ -214,10 +215,11 @@ class TiffSlideBackend(Slide):
             elif lv.bytecounts[index] > 0:
                 fetch.append(index)
         if fetch:
-            datas = self._ranges.read_ranges(
+            arriving = self._ranges.iter_ranges(
                 [lv.offsets[i] for i in fetch], [lv.bytecounts[i] for i in fetch]
             )
-            for index, data in zip(fetch, datas, strict=True):
+            for k, data in arriving:  # decode each tile while the others are still on their way
+                index = fetch[k]
                 try:
                     decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables, _fullsize=True)
                 except Exception as exc:  # noqa: BLE001 - a codec's own error, said with the tile
