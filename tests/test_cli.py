@@ -87,3 +87,48 @@ def test_bad_config_key_is_one_line(tmp_path, testdata):
     cfg.write_text("tisue: {}\n")
     out = run("slides", "tissue", str(testdata / "aperio/small.svs"), "--config", str(cfg))
     assert out.returncode == 2 and "tisue" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_data_preview_draws_streamed_tiles(tmp_path):
+    assert run("slides", "synth", str(tmp_path / "s"), "--n", "2", "--size", "3072").returncode == 0
+    config = Path(__file__).resolve().parents[1] / "configs" / "data-gleason.yaml"
+    png = tmp_path / "grid.png"
+    out = run(
+        "data",
+        "preview",
+        str(config),
+        "--n",
+        "8",
+        "--out",
+        str(png),
+        "--set",
+        f"data.manifest={tmp_path / 's' / 'manifest.parquet'}",
+        "--set",
+        "data.split=null",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 tiles (segmentation" in out.stdout
+    img = Image.open(png)
+    assert img.size == (3 * 160, 3 * 160 + 20)  # 8 tiles in a 3x3 grid, legend underneath
+
+
+def test_data_preview_reports_every_manifest_problem(tmp_path, testdata):
+    import pandas as pd
+
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(
+        {
+            "slide_id": ["a", "a"],
+            "uri": [str(testdata / "aperio/small.svs"), str(tmp_path / "gone.svs")],
+            "split": ["train", "train"],
+        }
+    ).to_csv(manifest, index=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "data-gleason.yaml"
+    out = run("data", "preview", str(config), "--set", f"data.manifest={manifest}")
+    assert out.returncode == 2
+    assert (
+        "2 problem(s)" in out.stderr and "duplicate slide_id 'a'" in out.stderr and "gone.svs" in out.stderr
+    )
+    assert "Traceback" not in out.stderr

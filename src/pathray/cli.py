@@ -22,6 +22,8 @@ from pathray.config import ConfigError, PathrayConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 slides_app = typer.Typer(no_args_is_help=True, help="Open, inspect and synthesise whole-slide images.")
 app.add_typer(slides_app, name="slides")
+data_app = typer.Typer(no_args_is_help=True, help="Look at the online-patched tile stream.")
+app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,9 +43,11 @@ def friendly(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pathray.datasets.manifest import ManifestError
+
         try:
             return func(*args, **kwargs)
-        except (SlideError, ConfigError) as exc:
+        except (SlideError, ConfigError, ManifestError) as exc:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
@@ -131,6 +135,30 @@ def slides_synth(
     for s in slides:
         typer.echo(f"{s.path}  {s.width}x{s.height}  label={s.label}")
     typer.echo(f"manifest: {manifest}")
+
+
+@data_app.command("preview")
+@friendly
+def data_preview(
+    config: Annotated[Path, typer.Argument(help="project config (YAML) with a data: section")],
+    n: Annotated[int, typer.Option("--n", help="tiles to show")] = 64,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("grid.png"),
+    epoch: Annotated[int, typer.Option(help="which epoch's coordinates to draw")] = 0,
+    overrides: SetOpt = None,
+) -> None:
+    """Stream tiles as CONFIG says and write a contact sheet with their targets drawn over them."""
+    from pathray.datasets.preview import preview
+
+    cfg = _config(config, overrides)
+    result = preview(cfg, n, out, epoch=epoch)
+    typer.echo(
+        f"{result['out']}: {result['tiles']} tiles ({cfg.data.stream.target.task}, split {cfg.data.split})"
+    )
+    faults = result["faults"]
+    for uri, cause in faults["failed_slides"].items():
+        typer.echo(f"left out {uri}: {cause}", err=True)
+    if faults["skipped_tiles"]:
+        typer.echo(f"skipped {faults['skipped_tiles']} unreadable tile(s)", err=True)
 
 
 @app.command("demo")

@@ -32,6 +32,6 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     manifest: str | None = Field(None, description="Parquet/CSV manifest: a path or any storage URI")
-    split: str = "train"
+    split: str | None = Field("train", description="which split to stream; null: every slide")
     check_uris: bool = Field(True, description="stat every slide before streaming (reports all at once)")
     stream: StreamConfig = Field(default_factory=StreamConfig)

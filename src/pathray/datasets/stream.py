@@ -40,22 +40,62 @@ def _mpp_override(value: Any) -> float | None:
     return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
-def slide_rows(manifest: pd.DataFrame, split: str | None) -> list[dict[str, Any]]:
-    """The manifest rows a stream reads: one dict per slide of ``split`` (None: all)."""
+def slide_rows(
+    manifest: pd.DataFrame, split: str | None, config: StreamConfig | None = None
+) -> list[dict[str, Any]]:
+    """Sampling work for one epoch: a row per (slide, chunk) of ``split`` (None: all), chunk-major.
+
+    Each slide's tiles are drawn in chunks of ``read_batch``, and the rows go chunk 0 of every
+    slide, then chunk 1 of every slide, ... so the stream interleaves slides while each reader
+    batch still comes from one slide (one open handle, one round of range requests).
+    """
+    from pathray.wsi.samplers import SAMPLERS
+
+    config = config or StreamConfig()
     frame = manifest if split is None else manifest[manifest["split"] == split]
-    rows = []
+    if SAMPLERS.get(config.sampler.kind).exhaustive:
+        chunks = [0]
+    else:
+        per = max(1, config.read_batch)
+        chunks = list(range(max(1, math.ceil(config.sampler.tiles_per_slide / per))))
+    slides = []
     for row in frame.to_dict("records"):
-        rows.append(
+        annotations = row.get("annotations_uri")
+        slides.append(
             {
                 "slide_id": str(row["slide_id"]),
                 "uri": str(row["uri"]),
-                "annotations_uri": str(row.get("annotations_uri") or "")
-                if pd.notna(row.get("annotations_uri"))
-                else "",
+                "annotations_uri": str(annotations) if isinstance(annotations, str) else "",
                 "mpp_override": _mpp_override(row.get("mpp")) or 0.0,
             }
         )
-    return rows
+    return [{**slide, "chunk": chunk} for chunk in chunks for slide in slides]
+
+
+def chunk_size(config: StreamConfig, chunk: int) -> int | None:
+    """Tiles to draw for ``chunk`` of a slide (None: the exhaustive sampler's all)."""
+    from pathray.wsi.samplers import SAMPLERS
+
+    if SAMPLERS.get(config.sampler.kind).exhaustive:
+        return None
+    per = max(1, config.read_batch)
+    return max(0, min(per, config.sampler.tiles_per_slide - chunk * per))
+
+
+_ANNOTATIONS: OrderedDict[str, AnnotationIndex] = OrderedDict()
+
+
+def annotation_index(uri: str, storage: StorageConfig) -> AnnotationIndex:
+    """A slide's parsed annotations, kept per process (every chunk and reader batch reuses them)."""
+    index = _ANNOTATIONS.get(uri)
+    if index is None:
+        index = AnnotationIndex.load(uri or None, storage)
+        _ANNOTATIONS[uri] = index
+        while len(_ANNOTATIONS) > 64:
+            _ANNOTATIONS.popitem(last=False)
+    else:
+        _ANNOTATIONS.move_to_end(uri)
+    return index
 
 
 def sample_slide(
@@ -77,9 +117,7 @@ def sample_slide(
         if slide.mpp is None:
             raise SlideError(row["uri"], "the slide has no usable mpp; set the manifest's mpp column")
         mask = tissue_mask(slide, tissue)
-        regions = (
-            AnnotationIndex.load(row["annotations_uri"], storage).regions if row["annotations_uri"] else []
-        )
+        regions = annotation_index(row["annotations_uri"], storage).regions
     except (SlideError, ValueError, OSError) as exc:
         if faults is not None:
             faults.slide_failed(row["uri"], str(exc.cause if isinstance(exc, SlideError) else exc))
@@ -87,7 +125,8 @@ def sample_slide(
     w, h = slide.dimensions
     geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
     sampler = build_sampler(config.sampler)
-    coords = sampler.sample(geometry, rng_for(config.seed, epoch, worker, row["slide_id"]))
+    rng = rng_for(config.seed, epoch, worker, f"{row['slide_id']}#{row['chunk']}")
+    coords = sampler.sample(geometry, rng, n=chunk_size(config, row["chunk"]))
     return [{**row, **c.as_row(), "epoch": epoch} for c in coords]
 
 
@@ -100,14 +139,6 @@ class TileReader:
         self.config = config
         self.storage = storage
         self.faults = faults
-        self._annotations: OrderedDict[str, AnnotationIndex] = OrderedDict()
-
-    def _index(self, uri: str) -> AnnotationIndex:
-        if uri not in self._annotations:
-            self._annotations[uri] = AnnotationIndex.load(uri or None, self.storage)
-            while len(self._annotations) > 64:
-                self._annotations.popitem(last=False)
-        return self._annotations[uri]
 
     def _read(
         self, slide: Any, coords: list[tuple[int, int]], size: int, mpp: float
@@ -189,7 +220,7 @@ class TileReader:
             else:
                 extent = size * mpp / slide_mpp[uri]
                 target = make_target(
-                    self._index(str(batch["annotations_uri"][i])),
+                    annotation_index(str(batch["annotations_uri"][i]), self.storage),
                     cfg.target,
                     x,
                     y,
@@ -246,10 +277,10 @@ def build_tile_dataset(
 
     config = config or StreamConfig()
     storage = storage or StorageConfig()
-    rows = slide_rows(manifest, split)
+    rows = slide_rows(manifest, split, config)
     if not rows:
         raise ValueError(f"the manifest has no slides in split {split!r}")
-    slides = ray.data.from_items(rows, override_num_blocks=len(rows))
+    slides = ray.data.from_items(rows, override_num_blocks=len(rows))  # one sampling task per chunk
     coords = slides.flat_map(
         sample_slide,
         fn_kwargs={

@@ -84,7 +84,14 @@ def rng_for(seed: int, epoch: int = 0, worker: int = 0, slide_id: str = "") -> n
 
 
 class Sampler(Protocol):
-    def sample(self, slide: SlideRegions, rng: np.random.Generator) -> list[TileCoord]: ...
+    """``exhaustive`` samplers (the grid) return every tile at once; the others draw ``n`` (default:
+    ``tiles_per_slide``) per call, so a stream can draw a slide's tiles in several interleaved chunks."""
+
+    exhaustive: bool
+
+    def sample(
+        self, slide: SlideRegions, rng: np.random.Generator, n: int | None = None
+    ) -> list[TileCoord]: ...
 
 
 SAMPLERS: Registry[type] = Registry("sampler")
@@ -112,6 +119,8 @@ def _centred(slide: SlideRegions, cx: float, cy: float, extent: int) -> tuple[in
 @SAMPLERS.register("random_tissue")
 class RandomTissueSampler:
     """Uniform over tissue: centres drawn from tissue mask pixels, kept if the tile has enough tissue."""
+
+    exhaustive = False
 
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
@@ -155,8 +164,10 @@ class ClassBalancedSampler:
         self.config = config
         self._random = RandomTissueSampler(config)
 
-    def sample(self, slide: SlideRegions, rng: np.random.Generator) -> list[TileCoord]:
-        n = self.config.tiles_per_slide
+    exhaustive = False
+
+    def sample(self, slide: SlideRegions, rng: np.random.Generator, n: int | None = None) -> list[TileCoord]:
+        n = self.config.tiles_per_slide if n is None else n
         by_class: dict[str, list[Polygon]] = {}
         for polygon, name in slide.regions:
             if polygon.area > 0:
@@ -209,7 +220,11 @@ class TissueGridSampler:
     def __init__(self, config: SamplerConfig) -> None:
         self.config = config
 
-    def sample(self, slide: SlideRegions, rng: np.random.Generator | None = None) -> list[TileCoord]:
+    exhaustive = True
+
+    def sample(
+        self, slide: SlideRegions, rng: np.random.Generator | None = None, n: int | None = None
+    ) -> list[TileCoord]:
         mpp = self.config.mpps[0]
         extent = slide.extent(self.config.size, mpp)
         stride = max(1, int(round(extent * (1.0 - self.config.overlap))))
