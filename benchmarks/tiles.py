@@ -79,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32768, help="slide width and height (level 0)")
     parser.add_argument("--regions", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=32, help="regions per read_batch call")
+    parser.add_argument(
+        "--batch", type=int, default=128, help="regions per read_batch (the stream's read_batch)"
+    )
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per row")
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--gaps", type=int, nargs="*", default=[65536, 262144], help="extra S3 rows: merge gaps"
+        "--s3-batches", type=int, nargs="*", default=[32, 64], help="extra S3 rows: batch sizes"
     )
     args = parser.parse_args(argv)
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     local = open_slide(path, cache=False, tile_cache=0)
     level = select_level(local.level_mpps, args.mpp).level
 
-    def pathray_batches(slide) -> Callable[[], int]:  # type: ignore[no-untyped-def]
+    def pathray_batches(slide, groups) -> Callable[[], int]:  # type: ignore[no-untyped-def]
         def run() -> int:
             for group in groups:
                 slide.read_batch(group, args.tile, args.mpp)
@@ -163,23 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("openslide read_region loop (baseline)", rate(openslide_loop, args.seconds)))
     rows.append(("decode bound (JPEG decode of touched tiles)", rate(decode_only, args.seconds)))
     rows.append(("pathray local, read() per region", rate(pathray_single, args.seconds)))
-    rows.append(("pathray local, read_batch", rate(pathray_batches(local), args.seconds)))
-    s3_name = "pathray SeaweedFS S3 (127.0.0.1), read_batch"
+    rows.append(("pathray local, read_batch", rate(pathray_batches(local, groups), args.seconds)))
+    s3_name = f"pathray SeaweedFS S3 (127.0.0.1), read_batch of {args.batch}"
     with LocalObjectStore() as store:
         uri = store.upload_file(path, store.url_for(f"bench/{path.name}"))
         storage = store.storage_config()
-        gaps = sorted({storage.coalesce_gap, *args.gaps})
-        for gap in gaps:
-            tuned = storage.model_copy(update={"coalesce_gap": gap})
-            remote = open_slide(uri, tuned, cache=False, tile_cache=0)
-            default = gap == storage.coalesce_gap
-            name = s3_name if default else f"  same, ranges merged across gaps <= {gap >> 10} KiB"
-            rows.append((name, rate(pathray_batches(remote), args.seconds)))
-            if default:
-                before = remote.bytes_read
-                pathray_batches(remote)()
-                s3_bytes = (remote.bytes_read - before) / len(coords)
-            remote.close()
+        remote = open_slide(uri, storage, cache=False, tile_cache=0)
+        rows.append((s3_name, rate(pathray_batches(remote, groups), args.seconds)))
+        before = remote.bytes_read
+        pathray_batches(remote, groups)()
+        s3_bytes = (remote.bytes_read - before) / len(coords)
+        for size in args.s3_batches:
+            if size != args.batch:
+                name = f"  same, read_batch of {size}"
+                rows.append((name, rate(pathray_batches(remote, batches(coords, size)), args.seconds)))
+        exact = open_slide(uri, storage.model_copy(update={"coalesce_gap": 0}), cache=False, tile_cache=0)
+        rows.append(
+            ("  same, only touching ranges merged", rate(pathray_batches(exact, groups), args.seconds))
+        )
 
     table = dict(rows)
     print(

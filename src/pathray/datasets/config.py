@@ -19,7 +19,7 @@ class StreamConfig(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     augmentation: bool = Field(True, description="off for validation and preview of raw tiles")
     seed: int = 0
-    read_batch: int = Field(32, description="coordinates per reader call (grouped by slide)")
+    read_batch: int = Field(128, description="coordinates per reader call, all from one slide")
     readers: int = Field(2, description="most reader actors")
     reader_cpus: float = Field(0.5, description="CPUs reserved per reader actor")
     read_retries: int = Field(2, description="retries of a failed read before tiles are skipped")

@@ -38,9 +38,9 @@ class StorageConfig(BaseModel):
     block_size: int = Field(2**18, description="readahead block for metadata reads; tiles use exact ranges")
     cache_dir: str | None = Field(None, description="local copies of slides only OpenSlide can read")
     coalesce_gap: int = Field(
-        0,
+        262144,
         ge=0,
-        description="remote reads: merge tile ranges this many bytes apart or closer into one request",
+        description="remote reads: ranges this close become one request (requests cost more than bytes)",
     )
     presigned_reads: bool = Field(
         True,

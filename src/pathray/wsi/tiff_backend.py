@@ -235,7 +235,7 @@ class TiffSlideBackend(Slide):
     @contextlib.contextmanager
     def _prefetched(self, level: int, boxes: list[tuple[int, int, int, int]]) -> Iterator[None]:
         lv = self._tiled[level] if level < len(self._tiled) else None
-        if lv is None:
+        if lv is None or not self._ranges.remote:  # a local pread per region is as fast, and lighter
             yield
             return
         wanted = [i for box in boxes for i in self._tile_indices(lv, *box)]
