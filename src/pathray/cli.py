@@ -29,6 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=value")]
+MppOpt = Annotated[float | None, typer.Option(help="override the level-0 µm/px")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -62,7 +63,7 @@ def _config(config: Path | None, overrides: list[str] | None) -> PathrayConfig:
 def slides_info(
     uri: Annotated[str, typer.Argument(help="path or URI (s3://, gs://, http(s)://, memory://, file://)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    mpp: Annotated[float | None, typer.Option(help="override the level-0 µm/px")] = None,
+    mpp: MppOpt = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -90,7 +91,7 @@ def slides_info(
 def slides_tissue(
     uri: Annotated[str, typer.Argument(help="path or URI of the slide")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write the mask to")] = Path("mask.png"),
-    mpp: Annotated[float | None, typer.Option(help="override the level-0 µm/px")] = None,
+    mpp: MppOpt = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:

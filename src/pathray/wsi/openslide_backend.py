@@ -6,7 +6,6 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -90,30 +89,14 @@ class OpenSlideBackend(Slide):
         path = local_copy(location, storage)
         try:
             self._os = openslide.OpenSlide(path)
-            self._props = dict(self._os.properties)
-            self._dims = tuple(tuple(int(v) for v in d) for d in self._os.level_dimensions)
-            self._downsamples = tuple(float(d) for d in self._os.level_downsamples)
+            props = dict(self._os.properties)
+            dims = tuple((int(w), int(h)) for w, h in self._os.level_dimensions)
+            downsamples = tuple(float(d) for d in self._os.level_downsamples)
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideFormatError(location.uri, "not a slide format OpenSlide supports") from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideFormatError(location.uri, f"OpenSlide cannot read it ({exc})") from None
-        # OpenSlide opens some files it then cannot serve: a 0-pixel level is one of those.
-        if not self._dims or min(min(d) for d in self._dims) <= 0:
-            raise SlideFormatError(
-                location.uri, f"the image has an empty dimension {self._dims[0] if self._dims else ()}"
-            )
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return self._props
+        self._init_levels(dims, downsamples, props)
 
     @property
     def vendor(self) -> str | None:

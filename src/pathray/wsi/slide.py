@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pathray.wsi.errors import SlideError, SlideReadError
+from pathray.wsi.errors import SlideError, SlideFormatError, SlideReadError
 from pathray.wsi.levels import LevelChoice, plausible_mpp, select_level
 from pathray.wsi.storage import ByteCounter, Location
 
@@ -67,19 +67,27 @@ class Slide(ABC):
         self.counter = ByteCounter()
         self._mpp_override = mpp_override
 
+    def _init_levels(
+        self, dims: tuple[tuple[int, int], ...], downsamples: tuple[float, ...], props: dict[str, Any]
+    ) -> None:
+        """Keep what a reader found; readers open some files they cannot serve (a 0-pixel level)."""
+        if not dims or min(min(d) for d in dims) <= 0:
+            raise SlideFormatError(self.uri, f"the image has an empty dimension {dims[0] if dims else ()}")
+        self._dims, self._downsamples, self._props = dims, downsamples, props
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downsamples
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self._props
+
     # -- what a reader provides ------------------------------------------------------------
-    @property
-    @abstractmethod
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
-
-    @property
-    @abstractmethod
-    def level_downsamples(self) -> tuple[float, ...]: ...
-
-    @property
-    @abstractmethod
-    def properties(self) -> dict[str, Any]: ...
-
     @property
     @abstractmethod
     def vendor(self) -> str | None: ...

@@ -130,15 +130,12 @@ class TiffSlideBackend(Slide):
         except Exception as exc:  # noqa: BLE001 - every reader failure becomes a SlideFormatError
             self._close_source(source)
             raise SlideFormatError(location.uri, f"tiffslide cannot read it ({describe(exc)})") from None
-        if not dims or min(min(d) for d in dims) <= 0:
+        try:
+            self._init_levels(dims, downsamples, props)  # type: ignore[arg-type]
+        except SlideFormatError:
             self._close_source(source)
-            raise SlideFormatError(
-                location.uri, f"the image has an empty dimension {dims[0] if dims else ()}"
-            )
+            raise
         self._source = source
-        self._props = props
-        self._dims = dims
-        self._downsamples = downsamples
         series = self._ts.ts_tifffile.series[int(props.get("tiffslide.series-index", 0) or 0)]
         for lvl in series.levels:
             try:
@@ -157,18 +154,6 @@ class TiffSlideBackend(Slide):
     def _close_source(source: Any) -> None:
         if hasattr(source, "close"):
             source.close()
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return self._props
 
     @property
     def vendor(self) -> str | None:
