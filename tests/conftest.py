@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "slides"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Caches (slide copies, tissue masks) go to a temp dir, not the user's home; Ray inherits it."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("PATHRAY_CACHE", tempfile.mkdtemp(prefix="pathray-test-cache-"))
+
+
 @pytest.fixture(scope="session")
 def object_store() -> Iterator[LocalObjectStore]:
     """One SeaweedFS for the whole session (~3 s to start); stopped and deleted at the end."""

@@ -46,3 +46,20 @@ def test_rasterize_offsets_and_paint_order():
     got = rasterize([(big, 1), (small, 2)], 30, 30, 10.0, 4, 4)  # box 30..70, 10 px per pixel
     assert got.tolist() == [[1, 1, 1, 1], [1, 2, 2, 1], [1, 2, 2, 1], [1, 1, 1, 1]]
     assert rasterize([(big, 1)], 500, 500, 1.0, 3, 3).sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rasterize_agrees_with_point_in_polygon_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    theta = np.sort(rng.uniform(0, 2 * np.pi, 40))
+    radius = rng.uniform(20, 60, 40)
+    outer = np.column_stack([100 + radius * np.cos(theta), 90 + radius * np.sin(theta)])
+    hole = np.column_stack([100 + 8 * np.cos(theta), 90 + 8 * np.sin(theta)])
+    poly = Polygon(outer, (hole,))
+    x0, y0, d, w, h = 23.7, 11.2, 1.7, 90, 100
+    got = rasterize([(poly, 1)], x0, y0, d, w, h).astype(bool)
+    cy, cx = np.mgrid[:h, :w]
+    centres = np.column_stack([x0 + (cx.ravel() + 0.5) * d, y0 + (cy.ravel() + 0.5) * d])
+    expected = poly.contains(centres).reshape(h, w)
+    assert got.sum() > 500
+    assert np.array_equal(got, expected)

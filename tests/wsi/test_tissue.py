@@ -63,3 +63,28 @@ def test_mask_without_mpp_uses_max_size(testdata):
     assert mask.mpp is None
     assert max(mask.shape) == 512
     assert 0.4 < mask.tissue_fraction_total < 0.9
+
+
+def test_masks_are_cached_on_disk_per_slide_version(testdata, tmp_path):
+    import shutil
+
+    from pathray.wsi.tissue import TissueMaskCache
+
+    path = tmp_path / "cmu.svs"
+    shutil.copyfile(testdata / "aperio/CMU-1-Small-Region.svs", path)
+    cache = TissueMaskCache(directory=tmp_path / "masks")
+    first = cache.get(open_slide(path, cache=False))
+    files = list((tmp_path / "masks").glob("*.npz"))
+    assert len(files) == 1
+    # a new process (a fresh cache object) reads the file instead of computing again
+    again = TissueMaskCache(directory=tmp_path / "masks").get(open_slide(path, cache=False))
+    assert (
+        np.array_equal(again.mask, first.mask)
+        and again.downsample == first.downsample
+        and again.mpp == first.mpp
+    )
+    # a changed object (new size/mtime) gets a new mask
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 16)
+    TissueMaskCache(directory=tmp_path / "masks").get(open_slide(path, cache=False))
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 2

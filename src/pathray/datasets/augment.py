@@ -38,18 +38,21 @@ class AugmentConfig(BaseModel):
     local_scale: tuple[float, float] = (0.05, 0.4)
 
 
+_OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)  # optical density per grey level
+
+
 def hed_jitter(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Perturb haematoxylin, eosin and DAB concentrations: the colour variation between labs."""
     if sigma <= 0:
         return image
-    rgb = np.maximum(image.astype(np.float32), 1.0) / 255.0
-    od = -np.log(rgb)  # optical density
-    hed = od.reshape(-1, 3) @ _RGB_FROM_HED
+    od = _OD_LUT[image].reshape(-1, 3)
     alpha = rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32)
     beta = rng.uniform(-sigma, sigma, 3).astype(np.float32)
-    hed = hed * alpha + beta
-    out = np.exp(-(hed @ _HED_FROM_RGB_INV)).reshape(image.shape)
-    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+    # scale and shift in stain space, folded into one 3x3 map and an offset in OD space
+    transform = (_RGB_FROM_HED * alpha[None, :]) @ _HED_FROM_RGB_INV
+    offset = beta @ _HED_FROM_RGB_INV
+    out = np.exp(-(od @ transform + offset)) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8).reshape(image.shape)
 
 
 def brightness_contrast(

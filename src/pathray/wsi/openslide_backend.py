@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from pathray.registry import SLIDE_BACKENDS
 from pathray.wsi.errors import SlideFormatError, SlideReadError
 from pathray.wsi.slide import FILL, Slide
-from pathray.wsi.storage import Location, StorageConfig, filesystem, stat, translate_error
+from pathray.wsi.storage import Location, StorageConfig, cache_root, filesystem, stat, translate_error
 
 # Formats whose slide is several files: copy these companions along with the named file.
 MULTI_FILE_SUFFIXES = {
@@ -25,7 +24,7 @@ MULTI_FILE_SUFFIXES = {
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PATHRAY_CACHE", Path.home() / ".cache" / "pathray")) / "slides"
+    return cache_root() / "slides"
 
 
 def local_copy(location: Location, storage: StorageConfig | None) -> str:
@@ -83,7 +82,7 @@ class OpenSlideBackend(Slide):
         mpp_override: float | None = None,
         tile_cache: int = 64,
     ) -> None:
-        super().__init__(location, mpp_override)
+        super().__init__(location, mpp_override, storage)
         import openslide
 
         path = local_copy(location, storage)

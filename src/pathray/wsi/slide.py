@@ -13,7 +13,7 @@ from PIL import Image
 
 from pathray.wsi.errors import SlideError, SlideFormatError, SlideReadError
 from pathray.wsi.levels import LevelChoice, plausible_mpp, select_level
-from pathray.wsi.storage import ByteCounter, Location
+from pathray.wsi.storage import ByteCounter, Location, StorageConfig, stat
 
 Size = int | tuple[int, int]
 
@@ -61,11 +61,26 @@ class Slide(ABC):
 
     backend: str = ""
 
-    def __init__(self, location: Location, mpp_override: float | None = None) -> None:
+    def __init__(
+        self, location: Location, mpp_override: float | None = None, storage: StorageConfig | None = None
+    ) -> None:
         self.location = location
         self.uri = location.uri
+        self.storage = storage
         self.counter = ByteCounter()
         self._mpp_override = mpp_override
+        self._version: str | None = None
+
+    @property
+    def version(self) -> str:
+        """Size and version tag (ETag or mtime) of the object: derived data is cached under it."""
+        if self._version is None:
+            try:
+                info = stat(self.location, self.storage)
+                self._version = f"{info['size']}:{info['tag']}"
+            except SlideError:
+                self._version = ""  # e.g. an object store that does not answer HEAD
+        return self._version
 
     def _init_levels(
         self, dims: tuple[tuple[int, int], ...], downsamples: tuple[float, ...], props: dict[str, Any]

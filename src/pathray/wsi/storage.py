@@ -88,6 +88,11 @@ class Location:
         return self.path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def cache_root() -> Path:
+    """Where pathray keeps local copies and derived data: ``$PATHRAY_CACHE`` or ~/.cache/pathray."""
+    return Path(os.environ.get("PATHRAY_CACHE", Path.home() / ".cache" / "pathray")).expanduser()
+
+
 def parse_uri(uri: str | os.PathLike[str]) -> Location:
     """Split a slide URI into protocol and path; plain paths are local files."""
     text = os.fspath(uri)

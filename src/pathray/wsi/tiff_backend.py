@@ -115,7 +115,7 @@ class TiffSlideBackend(Slide):
         mpp_override: float | None = None,
         tile_cache: int = 64,
     ) -> None:
-        super().__init__(location, mpp_override)
+        super().__init__(location, mpp_override, storage)
         from tiffslide import TiffSlide
 
         self._lock = threading.Lock()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -167,27 +170,66 @@ def compute_tissue_mask(slide: Slide, config: TissueConfig | None = None) -> Tis
 
 
 class TissueMaskCache:
-    """Masks by (URI, size, version tag, config): a changed object gets a new mask."""
+    """Masks by (URI, version, config), in memory and on disk: every process reuses one computation.
 
-    def __init__(self, capacity: int = 256) -> None:
+    The version is the object's size and ETag/mtime, so a changed slide gets a new mask. The
+    disk copy (under ``$PATHRAY_CACHE/masks``) lets the many processes of a stream, and later
+    runs, skip the thumbnail read; slides without a version are cached in memory only.
+    """
+
+    def __init__(self, capacity: int = 256, directory: Path | None = None) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, ...], TissueMask] = OrderedDict()
+        self.directory = directory
+        self._items: OrderedDict[str, TissueMask] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, slide: Slide, config: TissueConfig | None = None, version: str = "") -> TissueMask:
+    def _dir(self) -> Path:
+        from pathray.wsi.storage import cache_root
+
+        return self.directory or cache_root() / "masks"
+
+    def get(self, slide: Slide, config: TissueConfig | None = None) -> TissueMask:
         config = config or TissueConfig()
-        key = (slide.uri, version, str(slide.dimensions), str(slide.mpp), config.model_dump_json())
+        version = slide.version
+        raw = "|".join((slide.uri, version, str(slide.dimensions), str(slide.mpp), config.model_dump_json()))
+        key = hashlib.sha256(raw.encode()).hexdigest()[:32]
         with self._lock:
             mask = self._items.get(key)
             if mask is not None:
                 self._items.move_to_end(key)
                 return mask
-        mask = compute_tissue_mask(slide, config)
+        path = self._dir() / f"{key}.npz"
+        mask = self._load(path) if version else None
+        if mask is None:
+            mask = compute_tissue_mask(slide, config)
+            if version:
+                self._save(path, mask)
         with self._lock:
             self._items[key] = mask
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return mask
+
+    @staticmethod
+    def _load(path: Path) -> TissueMask | None:
+        try:
+            with np.load(path) as data:
+                mpp = float(data["mpp"])
+                return TissueMask(
+                    data["mask"].astype(bool), float(data["downsample"]), mpp if mpp > 0 else None
+                )
+        except (OSError, KeyError, ValueError):
+            return None
+
+    @staticmethod
+    def _save(path: Path, mask: TissueMask) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+            np.savez_compressed(tmp, mask=mask.mask, downsample=mask.downsample, mpp=mask.mpp or 0.0)
+            os.replace(tmp, path)  # atomic: concurrent writers leave one whole file
+        except OSError:
+            pass  # a read-only cache only costs recomputation
 
 
 TISSUE_MASKS = TissueMaskCache()
@@ -195,11 +237,4 @@ TISSUE_MASKS = TissueMaskCache()
 
 def tissue_mask(slide: Slide, config: TissueConfig | None = None) -> TissueMask:
     """The slide's tissue mask, computed once per slide version and config."""
-    from pathray.wsi.storage import stat
-
-    try:
-        info = stat(slide.location)
-        version = f"{info['size']}:{info['tag']}"
-    except Exception:  # noqa: BLE001 - an unstat-able object (memory://) is keyed by URI alone
-        version = ""
-    return TISSUE_MASKS.get(slide, config, version)
+    return TISSUE_MASKS.get(slide, config)
