@@ -53,7 +53,7 @@ def _plain_worker(args: tuple[list[dict], Any, Any]) -> int:
     reader = TileReader(config, storage)
     done = 0
     for row in rows:
-        coords = sample_slide(row, config, storage, TissueConfig(), epoch=0, worker=0, faults=None)
+        coords = sample_slide(row, config, storage, TissueConfig(), worker=0, faults=None)
         if not coords:
             continue
         batch = {k: np.asarray([c[k] for c in coords]) for k in coords[0]}

@@ -31,7 +31,7 @@ def manifest(slides) -> pd.DataFrame:
     return frame
 
 
-def stream(manifest, storage=None, faults=None, epoch=0, **overrides) -> list[dict]:
+def stream(manifest, storage=None, faults=None, epoch=0, epochs=1, **overrides) -> list[dict]:
     from pathray.datasets.stream import build_tile_dataset
 
     settings = {
@@ -40,7 +40,9 @@ def stream(manifest, storage=None, faults=None, epoch=0, **overrides) -> list[di
         "readers": 1,
     }
     settings.update(overrides)
-    ds = build_tile_dataset(manifest, StreamConfig(**settings), storage, faults=faults, epoch=epoch)
+    ds = build_tile_dataset(
+        manifest, StreamConfig(**settings), storage, faults=faults, epoch=epoch, epochs=epochs
+    )
     rows = []
     for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
         keys = list(batch)
@@ -54,7 +56,7 @@ def test_rows_carry_tiles_and_aligned_targets(ray_local, manifest):
     row = rows[0]
     assert row["image"].shape == (224, 224, 3) and row["image"].dtype == np.uint8
     assert row["target"].shape == (224, 224) and row["target"].dtype == np.uint8
-    assert set(row) == {"image", "target", "slide_id", "x", "y", "mpp", "label"}
+    assert set(row) == {"image", "target", "slide_id", "x", "y", "mpp", "label", "epoch"}
     classes = ["Background", "Benign", "G3", "G4", "G5"]
     labelled = [r for r in rows if r["label"] != "Background"]
     assert {r["label"] for r in labelled} >= {"Benign", "G3", "G4", "G5"}
@@ -134,6 +136,12 @@ def test_epochs_differ_and_a_seed_repeats(ray_local, manifest):
     first = coords(0)
     assert coords(0) == first
     assert len(coords(1) & first) <= 2
+    # one pass can span several epochs, each with its own coordinates
+    rows = stream(manifest, epochs=2, sampler={"kind": "random_tissue", "tiles_per_slide": 6})
+    by_epoch = {
+        e: {(str(r["slide_id"]), int(r["x"]), int(r["y"])) for r in rows if r["epoch"] == e} for e in (0, 1)
+    }
+    assert by_epoch[0] == first and by_epoch[1] == coords(1)
 
 
 def test_ssl_views_reach_torch(ray_local, manifest):

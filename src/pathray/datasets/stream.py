@@ -41,9 +41,9 @@ def _mpp_override(value: Any) -> float | None:
 
 
 def slide_rows(
-    manifest: pd.DataFrame, split: str | None, config: StreamConfig | None = None
+    manifest: pd.DataFrame, split: str | None, config: StreamConfig | None = None, epochs: range = range(1)
 ) -> list[dict[str, Any]]:
-    """Sampling work for one epoch: a row per (slide, chunk) of ``split`` (None: all), chunk-major.
+    """Sampling work: a row per (epoch, chunk, slide) of ``split`` (None: all), epoch- then chunk-major.
 
     Each slide's tiles are drawn in chunks of ``read_batch``, and the rows go chunk 0 of every
     slide, then chunk 1 of every slide, ... so the stream interleaves slides while each reader
@@ -69,7 +69,7 @@ def slide_rows(
                 "mpp_override": _mpp_override(row.get("mpp")) or 0.0,
             }
         )
-    return [{**slide, "chunk": chunk} for chunk in chunks for slide in slides]
+    return [{**slide, "chunk": c, "epoch": e} for e in epochs for c in chunks for slide in slides]
 
 
 def chunk_size(config: StreamConfig, chunk: int) -> int | None:
@@ -103,11 +103,10 @@ def sample_slide(
     config: StreamConfig,
     storage: StorageConfig,
     tissue: TissueConfig,
-    epoch: int,
     worker: int,
     faults: FaultLedger | None,
 ) -> list[dict[str, Any]]:
-    """Coordinates for one slide and epoch; an unreadable slide yields none and is reported."""
+    """Coordinates for one (slide, chunk, epoch) row; an unreadable slide yields none and is reported."""
     from pathray.wsi.open import open_slide
     from pathray.wsi.tissue import tissue_mask
 
@@ -125,9 +124,9 @@ def sample_slide(
     w, h = slide.dimensions
     geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
     sampler = build_sampler(config.sampler)
-    rng = rng_for(config.seed, epoch, worker, f"{row['slide_id']}#{row['chunk']}")
+    rng = rng_for(config.seed, row["epoch"], worker, f"{row['slide_id']}#{row['chunk']}")
     coords = sampler.sample(geometry, rng, n=chunk_size(config, row["chunk"]))
-    return [{**row, **c.as_row(), "epoch": epoch} for c in coords]
+    return [{**row, **c.as_row()} for c in coords]
 
 
 class TileReader:
@@ -197,7 +196,7 @@ class TileReader:
     ) -> dict[str, np.ndarray]:
         cfg = self.config
         task = cfg.target.task
-        cols: dict[str, list[Any]] = {k: [] for k in ("slide_id", "x", "y", "mpp", "label")}
+        cols: dict[str, list[Any]] = {k: [] for k in ("slide_id", "x", "y", "mpp", "label", "epoch")}
         images: dict[str, list[np.ndarray]] = {}
         targets: list[Any] = []
         for i, tile in enumerate(tiles):
@@ -238,6 +237,7 @@ class TileReader:
                 ("y", y),
                 ("mpp", mpp),
                 ("label", batch["label"][i]),
+                ("epoch", int(batch["epoch"][i])),
             ):
                 cols[key].append(value)
         out: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in cols.items()}
@@ -255,6 +255,7 @@ def build_tile_dataset(
     *,
     split: str | None = "train",
     epoch: int = 0,
+    epochs: int = 1,
     worker: int = 0,
     faults: FaultLedger | None = None,
     tissue: TissueConfig | None = None,
@@ -262,7 +263,7 @@ def build_tile_dataset(
     """A streaming ``ray.data.Dataset`` of augmented tiles cut on the fly from the manifest's slides.
 
     Rows: ``image`` (uint8 HWC; for ``ssl`` the views ``global_i``/``local_i`` instead), ``target``
-    (per the task), ``slide_id``, ``x``, ``y`` (level-0 top-left), ``mpp`` and ``label``.
+    (per the task), ``slide_id``, ``x``, ``y`` (level-0 top-left), ``mpp``, ``label`` and ``epoch``.
 
     Args:
         manifest: one row per slide (``slide_id, uri, split, annotations_uri``, optional ``mpp``).
@@ -270,6 +271,8 @@ def build_tile_dataset(
         storage: endpoint and credentials for object storage.
         split: which split to stream (None: every slide).
         epoch, worker: with ``config.seed``, select the coordinate stream (never the same twice).
+        epochs: how many epochs, from ``epoch`` on, one pass over the dataset delivers (a training
+            run streams all of its epochs in one pass, each with its own coordinates).
         faults: a ``FaultLedger`` to count slides left out and tiles skipped.
         tissue: how tissue masks are made (the project's ``tissue:`` section).
     """
@@ -277,7 +280,7 @@ def build_tile_dataset(
 
     config = config or StreamConfig()
     storage = storage or StorageConfig()
-    rows = slide_rows(manifest, split, config)
+    rows = slide_rows(manifest, split, config, range(epoch, epoch + max(1, epochs)))
     if not rows:
         raise ValueError(f"the manifest has no slides in split {split!r}")
     slides = ray.data.from_items(rows, override_num_blocks=len(rows))  # one sampling task per chunk
@@ -287,7 +290,6 @@ def build_tile_dataset(
             "config": config,
             "storage": storage,
             "tissue": tissue or TissueConfig(),
-            "epoch": epoch,
             "worker": worker,
             "faults": faults,
         },
