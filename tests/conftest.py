@@ -21,6 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     os.environ.setdefault("PATHRAY_CACHE", tempfile.mkdtemp(prefix="pathray-test-cache-"))
+    # 2 cores shared with Ray workers and SeaweedFS: one torch thread avoids oversubscription.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

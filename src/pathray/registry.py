@@ -64,3 +64,5 @@ class Registry(Generic[T]):
 # The project's registries. Modules add to them when they are imported; `load_plugins`
 # imports the modules that hold the built-in entries.
 SLIDE_BACKENDS: Registry[type] = Registry("slide backend")
+TASKS: Registry[type] = Registry("task")
+ENGINES: Registry[type] = Registry("engine")
