@@ -162,6 +162,28 @@ def data_preview(
         typer.echo(f"skipped {faults['skipped_tiles']} unreadable tile(s)", err=True)
 
 
+@app.command("train")
+@friendly
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="project config (YAML): engine, task, data, optim, scale, run")
+    ],
+    overrides: SetOpt = None,
+) -> None:
+    """Train the project's engine on its task with Ray Train; evaluate on the test split."""
+    from pathray.training.trainer import run_training
+
+    cfg = _config(config, overrides)
+    result = run_training(cfg)
+    shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
+    for key, value in shown.items():
+        typer.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    typer.echo(f"run:        {result.run_dir}")
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    for name, path in result.paths.items():
+        typer.echo(f"{name + ':':11s} {path}")
+
+
 @app.command("demo")
 @friendly
 def demo(

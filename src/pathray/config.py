@@ -11,6 +11,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pathray.datasets.config import DataConfig
+from pathray.models.config import EngineConfig, TaskConfig
+from pathray.training.config import (
+    OptimConfig,
+    RunSection,
+    ScaleConfig,
+    TrainConfig,
+    deep_merge,
+    engine_defaults,
+)
 from pathray.wsi.storage import StorageConfig
 from pathray.wsi.tissue import TissueConfig
 
@@ -49,6 +58,12 @@ class PathrayConfig(Section):
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    run: RunSection = Field(default_factory=RunSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def interpolate_env(value: Any) -> Any:
@@ -102,6 +117,10 @@ def load_config(
     for override in overrides or []:
         apply_override(tree, override)
     tree = interpolate_env(tree)
+    if model is PathrayConfig:
+        # Switching engine.name switches its defaults (tile size, lr, batch, steps); what the
+        # project set itself still wins.
+        tree = deep_merge(engine_defaults(tree), tree)
     try:
         return model.model_validate(tree)
     except ValidationError as exc:

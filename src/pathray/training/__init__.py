@@ -1,0 +1,1 @@
+"""Ray Train: the per-worker loop, TorchTrainer wiring, checkpoints, experiments."""

@@ -1,0 +1,306 @@
+"""The per-worker training loop: a step a reader can hold in their head, wrapped for Ray Train.
+
+One worker:   pathray train configs/gleason-foundation.yaml --set scale.workers=1
+Two workers:  pathray train configs/gleason-foundation.yaml --set scale.workers=2
+Two nodes:    RAY_ADDRESS=head:6379 pathray train CONFIG --set scale.workers=2 \
+                  --set scale.placement_strategy=SPREAD
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pathray.config import PathrayConfig
+
+
+class TaskModel(nn.Module):
+    """Engine + task head: uint8 tiles in, task outputs out."""
+
+    def __init__(self, engine: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.engine = engine
+        self.head = head
+
+    def forward(self, images_uint8: torch.Tensor) -> Any:
+        x = self.engine.normalize(images_uint8)
+        pooled, dense = self.engine(x)
+        return self.head(pooled, dense, tuple(x.shape[-2:]))
+
+
+def build_model(cfg: PathrayConfig) -> tuple[TaskModel, Any]:
+    """The engine and task the config names, joined into one module."""
+    from pathray.models.engines import build_engine
+    from pathray.models.tasks import build_task
+
+    engine = build_engine(cfg.engine)
+    task = build_task(cfg.task)
+    return TaskModel(engine, task.build_head(engine.embed_dim, engine.dense_channels)), task
+
+
+class SupervisedLearner:
+    """Segmentation, classification, detection, instance: one model, one loss."""
+
+    def __init__(self, cfg: PathrayConfig) -> None:
+        self.model, self.task = build_model(cfg)
+        self.trainable: nn.Module = self.model
+
+    def prepare(self, parallel: str) -> None:
+        import ray.train.torch
+
+        self.trainable = ray.train.torch.prepare_model(self.model, parallel_strategy=parallel)
+
+    def loss(self, batch: dict[str, Any], progress: float) -> torch.Tensor:
+        return self.task.loss(self.trainable(batch["image"]), batch, progress=progress)
+
+    def after_step(self, progress: float) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {"model": _unwrap(self.trainable).state_dict()}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        _unwrap(self.trainable).load_state_dict(saved["model"])
+
+
+class DinoLearner:
+    """Self-supervised DINO: a student trained on all views, an EMA teacher on the global ones."""
+
+    def __init__(self, cfg: PathrayConfig) -> None:
+        from pathray.models.dino import DinoModel, make_teacher
+        from pathray.models.engines import build_engine
+        from pathray.models.tasks import build_task
+
+        engine = build_engine(cfg.engine)
+        self.task = build_task(cfg.task)
+        self.model = DinoModel(engine, self.task.build_head(engine.embed_dim, engine.dense_channels))
+        self.teacher = make_teacher(self.model)
+        self.trainable: nn.Module = self.model
+
+    def prepare(self, parallel: str) -> None:
+        import ray.train.torch
+
+        # DINO uses the pooled embedding only: the dense decoder gets no gradient.
+        self.trainable = ray.train.torch.prepare_model(
+            self.model, parallel_strategy=parallel, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+        self.teacher.to(ray.train.torch.get_device())
+
+    def loss(self, batch: dict[str, Any], progress: float) -> torch.Tensor:
+        from pathray.models.dino import dino_forward, views_from_batch
+
+        engine = _unwrap(self.trainable).engine
+        global_views, local_views = views_from_batch(batch, engine.normalize)
+        outputs = dino_forward(self.trainable, self.teacher, global_views, local_views)
+        return self.task.loss(outputs, batch, progress=progress)
+
+    def after_step(self, progress: float) -> None:
+        from pathray.models.dino import update_teacher
+
+        update_teacher(self.trainable, self.teacher, self.task.teacher_momentum(progress))
+
+    def state(self) -> dict[str, Any]:
+        teacher_backbone = {f"backbone.{k}": v for k, v in self.teacher.engine.backbone.state_dict().items()}
+        return {
+            "model": _unwrap(self.trainable).state_dict(),
+            "teacher_model": self.teacher.state_dict(),
+            "teacher": teacher_backbone,  # what `engine.weights` loads into a foundation engine
+            "task": self.task.state_dict(),
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        _unwrap(self.trainable).load_state_dict(saved["model"])
+        self.teacher.load_state_dict(saved["teacher_model"])
+        self.task.load_state_dict(saved["task"])
+
+
+def make_learner(cfg: PathrayConfig) -> SupervisedLearner | DinoLearner:
+    return DinoLearner(cfg) if cfg.task.name == "ssl" else SupervisedLearner(cfg)
+
+
+def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup, then cosine decay to ``floor`` (a fraction of the base lr)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: TaskModel, cfg: PathrayConfig) -> tuple[torch.optim.Optimizer, Any]:
+    o = cfg.optim
+    groups = model.engine.param_groups(o.lr, o.weight_decay, o.layer_decay)
+    seen = {id(p) for g in groups for p in g["params"]}
+    head = [p for p in model.head.parameters() if id(p) not in seen and p.requires_grad]
+    if head:
+        groups.append({"params": head, "lr": o.lr, "weight_decay": o.weight_decay})
+    for g in groups:
+        g.setdefault("initial_lr", g["lr"])
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    steps = cfg.train.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, steps, o.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(directory: Path, learner: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
+    payload = {**learner.state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save({**payload, **state}, directory / "checkpoint.pt")
+    (directory / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: build, restore, stream, step, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from pathray.datasets.stream import collate_tiles
+
+    cfg = PathrayConfig.model_validate(config)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    learner = make_learner(cfg)
+    if cfg.engine.freeze_backbone:
+        learner.model.engine.freeze_backbone(True)
+    learner.prepare("fsdp" if cfg.scale.strategy == "fsdp" else "ddp")
+    device = ray.train.torch.get_device()
+    optimizer, scheduler = build_optimizer(_unwrap(learner.trainable), cfg)
+    state = {"step": 0, "epoch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        learner.load(saved)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {"step": int(saved["step"]), "epoch": int(saved["epoch"])}
+    bf16 = device.type == "cuda" and cfg.scale.precision == "bf16"
+    steps, accum = cfg.train.steps, cfg.optim.grad_accum
+    shard = ray.train.get_dataset_shard("train")
+    t_data = t_step = 0.0
+    losses: list[float] = []
+    micro = 0
+    learner.trainable.train()
+    while state["step"] < steps:
+        delivered = False
+        tick = time.perf_counter()
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            collate_fn=collate_tiles,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            drop_last=True,
+        ):
+            delivered = True
+            t_data += time.perf_counter() - tick
+            start = time.perf_counter()
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            progress = state["step"] / max(1, steps)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = learner.loss(batch, progress)
+            (loss / accum).backward()
+            micro += 1
+            if micro % accum == 0:
+                if cfg.optim.clip_grad:
+                    nn.utils.clip_grad_norm_(learner.trainable.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                learner.after_step(progress)
+                state["step"] += 1
+                state["epoch"] = int(batch["epoch"].max()) if "epoch" in batch else state["epoch"]
+                losses.append(float(loss.detach()))
+            t_step += time.perf_counter() - start
+            if micro % accum == 0:
+                _after_optimizer_step(cfg, learner, optimizer, scheduler, state, losses, t_data, t_step, rank)
+                if state["step"] >= steps:
+                    break
+            tick = time.perf_counter()
+        if not delivered:
+            raise RuntimeError("the training stream delivered no tiles: check the manifest's train split")
+
+
+def _after_optimizer_step(
+    cfg: PathrayConfig,
+    learner: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict,
+    losses: list[float],
+    t_data: float,
+    t_step: float,
+    rank: int,
+) -> None:
+    """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end."""
+    import ray.train
+
+    step = state["step"]
+    if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
+        _fail_once(cfg, rank)
+    metrics = {
+        "step": step,
+        "epoch": state["epoch"],
+        "loss": sum(losses) / max(1, len(losses)),
+        "lr": scheduler.get_last_lr()[0],
+        "data_wait_share": t_data / max(1e-9, t_data + t_step),
+        "steps_per_s": step / max(1e-9, t_data + t_step),
+    }
+    if step % cfg.run.checkpoint_every == 0 or step >= cfg.train.steps:
+        _report_with_checkpoint(cfg, learner, optimizer, scheduler, state, metrics, rank)
+        losses.clear()
+    elif step % cfg.run.log_every == 0:
+        ray.train.report(metrics)
+        losses.clear()
+
+
+def _fail_once(cfg: PathrayConfig, rank: int) -> None:
+    """Testing aid: SIGKILL this worker's own process, once per run (a marker file remembers)."""
+    if rank != cfg.train.fail_rank:
+        return
+    marker = Path(tempfile.gettempdir()) / f"pathray-failed-{cfg.run.name}"
+    if marker.exists():
+        return
+    marker.write_text("killed")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report_with_checkpoint(
+    cfg: PathrayConfig, learner: Any, optimizer: Any, scheduler: Any, state: dict, metrics: dict, rank: int
+) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if cfg.train.weights_digest:
+            digest = weights_digest(_unwrap(learner.trainable))
+            metrics = {**metrics, "weights_digest": digest}
+            digest_dir = Path(cfg.run.storage_path) / str(cfg.run.name) / "digests"
+            digest_dir.mkdir(parents=True, exist_ok=True)
+            (digest_dir / f"step{state['step']}_rank{rank}.txt").write_text(digest)
+        if rank == 0:
+            save_checkpoint(
+                Path(tmp), learner, optimizer, scheduler, {**state, "config": cfg.model_dump(mode="json")}
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,129 @@
+"""TorchTrainer wiring: the config -> ScalingConfig, RunConfig, datasets; then evaluation and outputs.
+
+pathray train configs/gleason-foundation.yaml                      # local Ray, 1 worker
+pathray train configs/gleason-cnn.yaml --set scale.workers=2       # DDP over 2 workers
+RAY_ADDRESS=http://head:8265 pathray submit configs/...            # a cluster (see cluster/)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pathray.config import PathrayConfig
+
+
+@dataclass
+class TrainResult:
+    """Where a run's outputs are and what it scored."""
+
+    run_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def run_name(cfg: PathrayConfig) -> str:
+    return cfg.run.name or f"{cfg.engine.name}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_state(run_dir: str) -> dict[str, Any]:
+    """``state.json`` of the newest checkpoint in a run directory (local or object storage)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    try:
+        found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*/state.json"))
+    except FileNotFoundError:
+        return {}
+    if not found:
+        return {}
+    with fs.open(found[-1], "r") as fh:
+        return json.load(fh)
+
+
+def epochs_needed(cfg: PathrayConfig, slides: int) -> int:
+    """Epochs of coordinates one pass must hold for the whole run (a little margin for skipped tiles)."""
+    per_epoch = max(1, slides * cfg.data.stream.sampler.tiles_per_slide)
+    tiles = cfg.train.steps * cfg.train.batch_size * cfg.optim.grad_accum * cfg.scale.workers
+    return max(1, math.ceil(1.1 * tiles / per_epoch))
+
+
+def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
+    """Train the project's engine on its task with Ray Train, evaluate on the test split, write outputs."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pathray.cluster.ray_local import ensure_ray
+    from pathray.datasets.manifest import load_manifest, validate_manifest
+    from pathray.datasets.stream import build_tile_dataset
+    from pathray.training.loop import train_loop_per_worker
+
+    ensure_ray()
+    if manifest is None:
+        if not cfg.data.manifest:
+            raise ValueError("data.manifest is not set")
+        manifest = load_manifest(cfg.data.manifest, cfg.storage)
+        validate_manifest(manifest, cfg.data.manifest, cfg.storage, check_uris=cfg.data.check_uris)
+    name = run_name(cfg)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+    storage_path = cfg.run.storage_path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().absolute())
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path})})
+    run_dir = f"{storage_path.rstrip('/')}/{name}"
+    train_slides = manifest if cfg.data.split is None else manifest[manifest["split"] == cfg.data.split]
+    epochs = epochs_needed(cfg, len(train_slides))
+
+    def train_dataset() -> Any:
+        # Called at every (re)start of the worker group: a restarted run continues with the
+        # coordinates of the epoch its checkpoint was in, not from epoch 0.
+        start = int(latest_state(run_dir).get("epoch", 0))
+        return build_tile_dataset(
+            manifest,
+            cfg.data.stream,
+            cfg.storage,
+            split=cfg.data.split,
+            epoch=start,
+            epochs=max(1, epochs - start),
+            tissue=cfg.tissue,
+        )
+
+    resources = {"CPU": cfg.scale.cpus_per_worker, **(cfg.scale.resources_per_worker or {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scale.workers,
+            use_gpu=cfg.scale.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.scale.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+        datasets={"train": train_dataset},
+    )
+    result = trainer.fit()
+    history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
+    checkpoint = result.checkpoint
+    metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
+    if checkpoint is not None and cfg.train.eval_split and cfg.task.name != "ssl":
+        from pathray.training.evaluate import evaluate_checkpoint
+
+        evaluation = evaluate_checkpoint(cfg, checkpoint, manifest)
+        metrics.update(evaluation)
+        history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
+    paths = {}
+    if "://" not in run_dir:
+        from pathray.training.outputs import write_run_outputs
+
+        paths = write_run_outputs(Path(run_dir), cfg, history, metrics)
+    return TrainResult(run_dir, checkpoint.path if checkpoint else None, metrics, paths)
