@@ -300,7 +300,7 @@ def build_tile_dataset(
         fn_constructor_kwargs={"config": config, "storage": storage, "faults": faults},
         batch_size=config.read_batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, config.readers)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.readers)),
         num_cpus=config.reader_cpus,
     )
 

@@ -60,8 +60,9 @@ class SupervisedLearner:
 
         self.trainable = ray.train.torch.prepare_model(self.model, parallel_strategy=parallel)
 
-    def loss(self, batch: dict[str, Any], progress: float) -> torch.Tensor:
-        return self.task.loss(self.trainable(batch["image"]), batch, progress=progress)
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
+        outputs = self.trainable(batch["image"])
+        return self.task.loss(outputs, batch, progress=progress), outputs
 
     def after_step(self, progress: float) -> None:
         pass
@@ -96,13 +97,13 @@ class DinoLearner:
         )
         self.teacher.to(ray.train.torch.get_device())
 
-    def loss(self, batch: dict[str, Any], progress: float) -> torch.Tensor:
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
         from pathray.models.dino import dino_forward, views_from_batch
 
         engine = _unwrap(self.trainable).engine
         global_views, local_views = views_from_batch(batch, engine.normalize)
         outputs = dino_forward(self.trainable, self.teacher, global_views, local_views)
-        return self.task.loss(outputs, batch, progress=progress)
+        return self.task.loss(outputs, batch, progress=progress), outputs
 
     def after_step(self, progress: float) -> None:
         from pathray.models.dino import update_teacher
@@ -168,7 +169,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(directory: Path, learner: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
     payload = {**learner.state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     torch.save({**payload, **state}, directory / "checkpoint.pt")
-    (directory / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
+    (directory / "state.json").write_text(json.dumps({"step": state["step"], "epoch": state["epoch"]}))
+    (directory / "history.json").write_text(json.dumps(state.get("history", []), default=float))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -201,6 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     t_data = t_step = 0.0
     losses: list[float] = []
+    history: list[dict[str, Any]] = saved["history"] if checkpoint is not None else []
+    window = learner.task.metrics()  # training metrics over the steps since the last report
     micro = 0
     learner.trainable.train()
     while state["step"] < steps:
@@ -218,8 +222,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             progress = state["step"] / max(1, steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = learner.loss(batch, progress)
+                loss, outputs = learner.loss(batch, progress)
             (loss / accum).backward()
+            with torch.no_grad():
+                window.update(_detach(outputs), batch)
             micro += 1
             if micro % accum == 0:
                 if cfg.optim.clip_grad:
@@ -233,12 +239,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses.append(float(loss.detach()))
             t_step += time.perf_counter() - start
             if micro % accum == 0:
-                _after_optimizer_step(cfg, learner, optimizer, scheduler, state, losses, t_data, t_step, rank)
+                if _after_optimizer_step(
+                    cfg, learner, optimizer, scheduler, state, losses, window, history, t_data, t_step, rank
+                ):
+                    window = learner.task.metrics()
                 if state["step"] >= steps:
                     break
             tick = time.perf_counter()
         if not delivered:
             raise RuntimeError("the training stream delivered no tiles: check the manifest's train split")
+
+
+def _detach(outputs: Any) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach().float()
+    if isinstance(outputs, dict):
+        return {k: _detach(v) for k, v in outputs.items()}
+    if isinstance(outputs, list | tuple):
+        return type(outputs)(_detach(v) for v in outputs)
+    return outputs
 
 
 def _after_optimizer_step(
@@ -248,16 +267,24 @@ def _after_optimizer_step(
     scheduler: Any,
     state: dict,
     losses: list[float],
+    window: Any,
+    history: list[dict[str, Any]],
     t_data: float,
     t_step: float,
     rank: int,
-) -> None:
-    """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end."""
+) -> bool:
+    """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end.
+
+    Returns whether it reported (the caller then starts a new metric window).
+    """
     import ray.train
 
     step = state["step"]
     if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
         _fail_once(cfg, rank)
+    checkpointing = step % cfg.run.checkpoint_every == 0 or step >= cfg.train.steps
+    if not checkpointing and step % cfg.run.log_every != 0:
+        return False
     metrics = {
         "step": step,
         "epoch": state["epoch"],
@@ -265,13 +292,17 @@ def _after_optimizer_step(
         "lr": scheduler.get_last_lr()[0],
         "data_wait_share": t_data / max(1e-9, t_data + t_step),
         "steps_per_s": step / max(1e-9, t_data + t_step),
+        **{f"train/{k}": float(v) for k, v in window.compute().items()},
     }
-    if step % cfg.run.checkpoint_every == 0 or step >= cfg.train.steps:
-        _report_with_checkpoint(cfg, learner, optimizer, scheduler, state, metrics, rank)
-        losses.clear()
-    elif step % cfg.run.log_every == 0:
+    history.append(metrics)
+    losses.clear()
+    if checkpointing:
+        _report_with_checkpoint(
+            cfg, learner, optimizer, scheduler, {**state, "history": history}, metrics, rank
+        )
+    else:
         ray.train.report(metrics)
-        losses.clear()
+    return True
 
 
 def _fail_once(cfg: PathrayConfig, rank: int) -> None:

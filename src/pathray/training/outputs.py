@@ -29,31 +29,42 @@ def write_run_outputs(
     return {k: str(v) for k, v in paths.items()}
 
 
+KEY_METRICS = ("macro_f1", "f1", "dice", "pq", "rankme", "odcorr")
+
+
 def plot_curves(history: list[dict[str, Any]], metrics: dict[str, Any], path: Path, title: str = "") -> None:
-    """Loss (and any evaluated metric) against iteration."""
+    """Loss and key metrics against iteration; test scores (and a constant predictor's) at the end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in history if "loss" in r]
+    rows = [r for r in history if "loss" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot(steps, [r["loss"] for r in history if "loss" in r], color="#c0392b")
+    axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#c0392b", marker=".")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("training loss")
     axes[0].grid(alpha=0.3)
-    metric_keys = sorted({k for r in history for k in r if k.startswith("eval/")})
-    for key in metric_keys:
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key.removeprefix("eval/"))
-    if metric_keys:
-        axes[1].legend(fontsize=8)
-    final = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    text = "\n".join(f"{k}: {v:.3f}" for k, v in list(final.items())[:8])
-    axes[1].text(0.02, 0.98, text, transform=axes[1].transAxes, va="top", fontsize=8, family="monospace")
+    last = max((r["step"] for r in rows), default=0)
+    for i, name in enumerate(k for k in KEY_METRICS if any(f"train/{k}" in r for r in rows)):
+        colour = f"C{i}"
+        pts = [(r["step"], r[f"train/{name}"]) for r in rows if f"train/{name}" in r]
+        axes[1].plot(
+            [p[0] for p in pts], [p[1] for p in pts], color=colour, marker=".", label=f"train {name}"
+        )
+        if f"test/{name}" in metrics:
+            axes[1].scatter(
+                [last], [metrics[f"test/{name}"]], color=colour, marker="*", s=120, label=f"test {name}"
+            )
+        if f"baseline/{name}" in metrics:
+            axes[1].axhline(
+                metrics[f"baseline/{name}"], color=colour, ls="--", lw=1, label=f"constant {name}"
+            )
     axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("test metric")
+    axes[1].set_ylabel("metric")
     axes[1].grid(alpha=0.3)
+    if axes[1].lines or axes[1].collections:
+        axes[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

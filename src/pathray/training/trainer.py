@@ -112,8 +112,12 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
         datasets={"train": train_dataset},
     )
     result = trainer.fit()
-    history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
     checkpoint = result.checkpoint
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            if (Path(d) / "history.json").exists():
+                history = json.loads((Path(d) / "history.json").read_text())
     metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
     if checkpoint is not None and cfg.train.eval_split and cfg.task.name != "ssl":
         from pathray.training.evaluate import evaluate_checkpoint

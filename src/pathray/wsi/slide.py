@@ -70,6 +70,7 @@ class Slide(ABC):
         self.counter = ByteCounter()
         self._mpp_override = mpp_override
         self._version: str | None = None
+        self._checked = False
 
     @property
     def version(self) -> str:
@@ -167,10 +168,13 @@ class Slide(ABC):
         Some files open and only fail on pixels (a corrupt tile, an unknown codec); ``info``
         and manifest validation call this so such slides are reported before training.
         """
+        if self._checked:
+            return
         lw, lh = self.level_dimensions[-1]
         self._read_level_padded(self.level_count - 1, 0, 0, min(lw, 64), min(lh, 64))
         w0, h0 = self.dimensions
         self.read_region(max(0, w0 // 2 - 16), max(0, h0 // 2 - 16), 0, (min(w0, 32), min(h0, 32)))
+        self._checked = True  # an open handle that decoded once is not checked again
 
     # -- reading ---------------------------------------------------------------------------
     def read_region(self, x: int, y: int, level: int, size: Size) -> np.ndarray:
