@@ -155,8 +155,10 @@ def build_optimizer(model: TaskModel, cfg: PathrayConfig) -> tuple[torch.optim.O
 
 
 def weights_digest(model: nn.Module) -> str:
+    """A digest of the parameters. BatchNorm running statistics are left out: each rank updates
+    its own in the forward pass and DDP re-broadcasts rank 0's at the next one."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
