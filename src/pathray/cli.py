@@ -191,16 +191,17 @@ def demo(
         "pathray-demo"
     ),
     store: Annotated[str, typer.Option(help="'s3' (embedded SeaweedFS on 127.0.0.1) or 'local'")] = "s3",
-    n: Annotated[int, typer.Option("--n", help="synthetic slides")] = 4,
+    n: Annotated[int, typer.Option("--n", help="synthetic slides")] = 6,
     size: Annotated[int, typer.Option(help="slide size in pixels")] = 8192,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    steps: Annotated[int, typer.Option(help="fine-tuning steps (DINO gets half); 0 skips training")] = 40,
 ) -> None:
     """Run pathray end to end on embedded defaults: nothing to set up but the install."""
     from pathray.cluster.demo import DemoOptions, run_demo
 
     if store not in ("s3", "local"):
         fail(f"--store must be 's3' or 'local', not {store!r}")
-    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed))
+    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps))
 
 
 def main() -> None:

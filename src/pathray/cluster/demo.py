@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,9 +25,10 @@ class DemoOptions:
 
     out: Path
     store: str = "s3"
-    n: int = 4
+    n: int = 6
     size: int = 8192
     seed: int = 0
+    steps: int = 40
 
 
 @contextlib.contextmanager
@@ -97,7 +99,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 put(s.path, f"slides/{s.path.name}")
                 put(s.annotations_path, f"slides/{s.annotations_path.name}")
                 progress.advance(task)
-        manifest = synthetic_manifest(slides, uri_prefix=f"{prefix}/slides", seed=options.seed)
+        manifest = synthetic_manifest(
+            slides, uri_prefix=f"{prefix}/slides", seed=options.seed, fractions={"train": 0.67, "test": 0.33}
+        )
         manifest_path = write_manifest(manifest, out / "manifest.parquet")
         table = Table(title=f"slides read back from {prefix}")
         for col in ("slide", "label", "split", "reader", "size", "levels", "mpp", "tissue", "read"):
@@ -126,7 +130,33 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 slide.close()
                 progress.advance(task)
         console.print(table)
+        trained: dict[str, object] = {}
+        if options.steps > 0:
+            trained = train_in_demo(out, manifest, manifest_path, storage, console, options.steps)
     console.print(f"manifest:      {manifest_path}")
     console.print(f"tissue masks:  {out / 'masks'}")
+    for name, result in trained.items():
+        for key in ("curves", "metrics"):
+            if key in result.paths:  # type: ignore[attr-defined]
+                console.print(f"{name + ' ' + key + ':':24s} {result.paths[key]}")  # type: ignore[attr-defined]
     console.print(f"done in {time.perf_counter() - started:.0f} s")
-    return {"manifest": str(manifest_path), "slides": rows}
+    return {"manifest": str(manifest_path), "slides": rows, **trained}
+
+
+def train_in_demo(
+    out: Path, manifest: Any, manifest_path: Path, storage: StorageConfig, console: Console, steps: int
+) -> dict[str, object]:
+    """Run the training stage on a local Ray, and stop that Ray afterwards (nothing left behind)."""
+    import ray
+
+    from pathray.cluster.demo_training import run_demo_training
+    from pathray.cluster.ray_local import ensure_ray
+
+    started_here = not ray.is_initialized()
+    with console.status("starting a local Ray (127.0.0.1)"):
+        ensure_ray(log_to_driver=False)
+    try:
+        return run_demo_training(out, manifest, str(manifest_path), storage, console, steps)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -80,7 +80,11 @@ def write_manifest(rows: pd.DataFrame | Sequence[Mapping[str, Any]], path: Path)
 
 
 def synthetic_manifest(
-    slides: Sequence[SyntheticSlide], uri_prefix: str | None = None, cohort: str = "synthetic", seed: int = 0
+    slides: Sequence[SyntheticSlide],
+    uri_prefix: str | None = None,
+    cohort: str = "synthetic",
+    seed: int = 0,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
 ) -> pd.DataFrame:
     """A manifest for synthetic slides, split by :func:`stratified_split` over their labels.
 
@@ -91,7 +95,7 @@ def synthetic_manifest(
     def uri(path: Path) -> str:
         return f"{uri_prefix.rstrip('/')}/{path.name}" if uri_prefix else str(Path(path).resolve())
 
-    splits = stratified_split([s.label for s in slides], seed=seed)
+    splits = stratified_split([s.label for s in slides], fractions, seed=seed)
     rows = [
         {
             "slide_id": s.slide_id,

@@ -119,7 +119,8 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
             if (Path(d) / "history.json").exists():
                 history = json.loads((Path(d) / "history.json").read_text())
     metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
-    if checkpoint is not None and cfg.train.eval_split and cfg.task.name != "ssl":
+    has_eval = cfg.train.eval_split is not None and (manifest["split"] == cfg.train.eval_split).any()
+    if checkpoint is not None and has_eval and cfg.task.name != "ssl":
         from pathray.training.evaluate import evaluate_checkpoint
 
         evaluation = evaluate_checkpoint(cfg, checkpoint, manifest)
