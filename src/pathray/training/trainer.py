@@ -120,10 +120,16 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
                 history = json.loads((Path(d) / "history.json").read_text())
     metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
     has_eval = cfg.train.eval_split is not None and (manifest["split"] == cfg.train.eval_split).any()
-    if checkpoint is not None and has_eval and cfg.task.name != "ssl":
+    evaluation: dict[str, float] = {}
+    if checkpoint is not None and cfg.task.name == "ssl":
+        from pathray.training.evaluate import evaluate_ssl
+
+        evaluation = evaluate_ssl(cfg, checkpoint, manifest)
+    elif checkpoint is not None and has_eval:
         from pathray.training.evaluate import evaluate_checkpoint
 
         evaluation = evaluate_checkpoint(cfg, checkpoint, manifest)
+    if evaluation:
         metrics.update(evaluation)
         history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
     paths = {}
