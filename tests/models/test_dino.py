@@ -25,15 +25,6 @@ from pathray.models.metrics import EmbeddingMetric
 from pathray.models.tasks import TaskConfig, build_task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core box they lose 50x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyEngine(nn.Module):
     """The engine contract in miniature; any input size (global and local views)."""
 

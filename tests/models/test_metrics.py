@@ -22,15 +22,6 @@ from pathray.models.metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core box they lose 50x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rankme_identity_is_full_rank():
     assert rankme(torch.eye(8)) == pytest.approx(8.0, rel=1e-5)
     assert rankme(3 * torch.eye(16)[:, :10]) == pytest.approx(10.0, rel=1e-5)

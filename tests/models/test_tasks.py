@@ -16,15 +16,6 @@ from pathray.registry import TASKS, RegistryError
 H = W = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core box they lose 50x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyEngine(nn.Module):
     """The engine contract in miniature: ``x -> (pooled (B, 16), dense (B, 8, H/4, W/4))``."""
 
