@@ -1,0 +1,400 @@
+"""Training steps/s and the share of step time spent waiting for data, per engine; inference images/s.
+
+    python benchmarks/train.py                                   # CPU: the Ray Data stream feeds the steps
+    python benchmarks/train.py --steps 5 --warmup 1 --batch 4    # a quick look
+    python benchmarks/train.py --device cpu --no-ray             # the Ray-free feed of a GPU box, on CPU
+    python benchmarks/train.py --device cuda                     # GPU only: bf16, batch 64, 4 feed threads
+
+Each engine (``foundation``: ViT-S/16, ``cnn``: ResNet-50 U-Net; ``--engines``/``--models`` change
+them) is built from ``configs/gleason-<engine>.yaml`` by the training code (``make_learner``,
+``build_optimizer``) and trained for segmentation in this process, without Ray Train, on tiles
+cut from a few synthetic slides. On CPU the tiles come from the real Ray Data stream
+(``build_tile_dataset(...).iter_torch_batches``, local Ray with ``--ray-cpus``); on a GPU, or
+with ``--no-ray``, from the stream's own reading code (``sample_slide`` then ``TileReader``) run
+by ``--producers`` threads (or processes) into a bounded queue. The data-wait share is the time
+the loop is blocked on the next batch over the wall time of the timed steps. Inference is the
+model alone (engine + head, eval, no_grad) on random tiles, median of ``--iters`` batches; on a
+GPU in bf16 autocast. torch keeps its default threads: on CPU they share the cores with the readers.
+
+Last line: ``data_wait_share=X cnn_vs_foundation_infer=Y``, on the best device measured (the GPU
+if any): X the largest data-wait share of any engine, Y the cnn/foundation inference time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_slides(workdir: Path, n: int, size: int) -> Path:
+    """Synthetic slides (seed 0) and a manifest with every slide in ``train``; reused when present."""
+    from pathray.datasets.manifest import synthetic_manifest, write_manifest
+    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+
+    folder = workdir / f"train_{n}x{size}"
+    manifest = folder / "manifest.parquet"
+    if not manifest.exists():
+        slides = write_synthetic_slides(folder, n=n, seed=0, config=SynthConfig(size=size))
+        frame = synthetic_manifest(slides)
+        frame["split"] = "train"
+        write_manifest(frame, manifest)
+    return manifest
+
+
+def engine_config(engine: str, model: str | None, size: int, batch: int) -> Any:
+    """The project config of ``engine`` (its YAML, so the engine defaults apply) at ``size`` px."""
+    from pathray.config import load_config
+
+    path = CONFIGS / f"gleason-{engine}.yaml"
+    overrides = [f"engine.name={engine}"]
+    if not path.exists():  # e.g. debug engines: the foundation project with the engine swapped
+        path = CONFIGS / "gleason-foundation.yaml"
+        overrides.append("engine.model=null")
+    if model:
+        overrides.append(f"engine.model={model}")
+    overrides += [
+        f"engine.img_size={size}",
+        f"data.stream.sampler.size={size}",
+        f"train.batch_size={batch}",
+    ]
+    return load_config(path, overrides)
+
+
+def ray_batches(manifest: Any, cfg: Any, batch: int) -> Iterator[dict[str, Any]]:
+    """Batches from the Ray Data tile stream, as the training loop iterates its shard (epoch after epoch)."""
+    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+
+    epoch = 0
+    while True:
+        ds = build_tile_dataset(
+            manifest, cfg.data.stream, cfg.storage, split="train", epoch=epoch, tissue=cfg.tissue
+        )
+        delivered = False
+        for item in ds.iter_torch_batches(
+            batch_size=batch,
+            collate_fn=collate_tiles,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            drop_last=True,
+        ):
+            delivered = True
+            yield item
+        if not delivered:
+            raise RuntimeError("the tile stream delivered no batch: check the slides and the sampler")
+        epoch += 1
+
+
+def _put(out: Any, item: Any, stop: Any) -> bool:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def produce(manifest: Any, cfg: Any, batch: int, worker: int, workers: int, out: Any, stop: Any) -> None:
+    """One producer: ``sample_slide`` + ``TileReader`` over every ``workers``-th sampling row, epoch
+    after epoch, cut into numpy batches of ``batch`` tiles put on ``out`` (an error goes as a str)."""
+    from pathray.datasets.stream import TileReader, sample_slide, slide_rows
+
+    try:
+        stream, storage = cfg.data.stream, cfg.storage
+        reader = TileReader(stream, storage)
+        carry: dict[str, np.ndarray] | None = None
+        epoch = 0
+        while not stop.is_set():
+            rows = slide_rows(manifest, "train", stream, range(epoch, epoch + 1))[worker::workers]
+            if not rows:
+                return
+            for row in rows:
+                coords = sample_slide(row, stream, storage, cfg.tissue, worker=0, faults=None)
+                if not coords:
+                    continue
+                tiles = reader({k: np.asarray([c[k] for c in coords]) for k in coords[0]})
+                if carry is not None:
+                    tiles = {k: np.concatenate([carry[k], tiles[k]]) for k in tiles}
+                n = len(tiles["x"])
+                for start in range(0, n - batch + 1, batch):
+                    if not _put(out, {k: v[start : start + batch] for k, v in tiles.items()}, stop):
+                        return
+                rest = n - n % batch
+                carry = {k: v[rest:] for k, v in tiles.items()} if rest < n else None
+            epoch += 1
+    except Exception as exc:  # noqa: BLE001 - reported by the consumer, which stops the run
+        _put(out, f"producer {worker}: {type(exc).__name__}: {exc}", stop)
+
+
+class ProducerFeed:
+    """Ray-free tile batches: ``workers`` threads (or spawned processes) running ``produce``."""
+
+    def __init__(self, manifest: Any, cfg: Any, batch: int, workers: int, kind: str, timeout: float) -> None:
+        if kind == "process":
+            ctx = get_context("spawn")
+            self.out: Any = ctx.Queue(maxsize=2 * workers)
+            self.stop: Any = ctx.Event()
+            make: Any = ctx.Process
+        else:
+            self.out, self.stop, make = queue.Queue(maxsize=2 * workers), threading.Event(), threading.Thread
+        self.timeout = timeout
+        self.workers = [
+            make(target=produce, args=(manifest, cfg, batch, i, workers, self.out, self.stop), daemon=True)
+            for i in range(workers)
+        ]
+        for w in self.workers:
+            w.start()
+
+    def __iter__(self) -> ProducerFeed:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        from pathray.datasets.stream import collate_tiles
+
+        try:
+            item = self.out.get(timeout=self.timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the producers delivered no batch in {self.timeout:.0f} s") from None
+        if isinstance(item, str):
+            raise RuntimeError(item)
+        return collate_tiles(item)
+
+    def close(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + 10
+        while any(w.is_alive() for w in self.workers) and time.monotonic() < deadline:
+            try:  # a process cannot exit while its queue still holds what it put
+                self.out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        for w in self.workers:
+            if w.is_alive() and hasattr(w, "terminate"):
+                w.terminate()
+
+
+@dataclass
+class Row:
+    engine: str
+    model: str
+    device: str
+    feed: str = "-"
+    batch: int = 0
+    steps_s: float = math.nan
+    images_s: float = math.nan
+    wait_share: float = math.nan
+    infer_batch: int = 0
+    infer_s: float = math.nan  # median seconds per inference batch
+
+
+def time_training(learner: Any, cfg: Any, batches: Any, device: Any, warmup: int, steps: int) -> tuple:
+    """The training loop's step (autocast, loss, backward, clip, optimizer, scheduler, metrics, loss
+    read back) over ``warmup + steps`` batches; returns (wall s, data-wait s) of the last ``steps``."""
+    import torch
+
+    from pathray.training.loop import build_optimizer
+
+    optimizer, scheduler = build_optimizer(learner.model, cfg)
+    bf16 = device.type == "cuda" and cfg.scale.precision == "bf16"
+    window = learner.task.metrics()
+    learner.trainable.train()
+    wait = 0.0
+    start = tick = time.perf_counter()
+    for i in range(warmup + steps):
+        batch = next(batches)
+        got = time.perf_counter()
+        if i == warmup:
+            start, wait = tick, 0.0
+        wait += got - tick
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, outputs = learner.loss(batch, i / (warmup + steps))
+        loss.backward()
+        with torch.no_grad():
+            window.update(outputs.detach().float(), batch)
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(learner.trainable.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        float(loss.detach())  # the loop reads the loss back every step (a device sync)
+        tick = time.perf_counter()
+    return tick - start, wait
+
+
+def time_inference(model: Any, batch: int, size: int, device: Any, warmup: int, iters: int) -> float:
+    """Median seconds per forward pass of ``batch`` random uint8 tiles (bf16 autocast on CUDA)."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.eval()
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(warmup + iters):
+            sync()
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: int) -> list[Row]:
+    """Inference of every engine first (a quiet device), then training fed by Ray Data or producers."""
+    import torch
+
+    from pathray.training.loop import make_learner
+
+    device = torch.device(name)
+    gpu = device.type == "cuda"
+    batch, steps, warmup = (
+        (args.gpu_batch, args.gpu_steps, args.gpu_warmup) if gpu else (args.batch, args.steps, args.warmup)
+    )
+    use_ray = not gpu and args.ray
+    built = []
+    for engine, model in zip(args.engines, args.models, strict=True):
+        cfg = engine_config(engine, model, args.size, batch)
+        # one epoch of the stream covers the run (Ray's local shuffle buffer fills first); else it goes on
+        tiles = (warmup + steps + 1) * batch + (cfg.train.shuffle_buffer if use_ray else 0)
+        cfg.data.stream.sampler.tiles_per_slide = math.ceil(1.25 * tiles / n_slides)
+        torch.manual_seed(0)
+        learner = make_learner(cfg)
+        learner.model.to(device)
+        row = Row(engine, cfg.engine.model or "(default)", name, infer_batch=batch)
+        row.infer_s = time_inference(learner.model, batch, args.size, device, args.infer_warmup, args.iters)
+        print(f"{name} {engine}: inference {batch / row.infer_s:.1f} images/s", flush=True)
+        built.append((row, cfg, learner))
+    if steps <= 0:
+        return [row for row, _, _ in built]
+    if use_ray:
+        from pathray.cluster.ray_local import ensure_ray
+
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ensure_ray(num_cpus=args.ray_cpus, log_to_driver=False)
+        # after ray's import, which installs its own filter: the training loop passes a function too
+        warnings.filterwarnings("ignore", message="Passing a function to `iter_torch_batches")
+    for row, cfg, learner in built:
+        if use_ray:
+            feed: Any = ray_batches(manifest, cfg, batch)
+            row.feed = f"ray data ({args.ray_cpus} cpus)"
+        else:
+            feed = ProducerFeed(manifest, cfg, batch, args.producers, args.producer, args.data_timeout)
+            plural = "" if args.producers == 1 else "es" if args.producer == "process" else "s"
+            row.feed = f"{args.producers} {args.producer}{plural}"
+        try:
+            wall, wait = time_training(learner, cfg, feed, device, warmup, steps)
+        finally:
+            feed.close()
+        row.batch, row.steps_s = batch, steps / wall
+        row.images_s, row.wait_share = row.steps_s * batch, wait / wall
+        print(f"{name} {row.engine}: {row.steps_s:.2f} steps/s, data wait {row.wait_share:.1%}", flush=True)
+        learner.model.to("cpu")
+        if gpu:
+            torch.cuda.empty_cache()
+    if use_ray:
+        import ray
+
+        ray.shutdown()
+    return [row for row, _, _ in built]
+
+
+def ray_available() -> bool:
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def infer_ratio(rows: list[Row]) -> float:
+    times = {r.engine: r.infer_s for r in rows}
+    return times["cnn"] / times["foundation"] if {"cnn", "foundation"} <= times.keys() else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", nargs="+", default=["foundation", "cnn"])
+    parser.add_argument("--models", nargs="+", default=None, help="timm model per engine (default: YAML)")
+    parser.add_argument("--size", type=int, default=224, help="tile side in px (training and inference)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CPU, and the GPU if any"
+    )
+    parser.add_argument("--batch", type=int, default=4, help="CPU batch (training and inference)")
+    parser.add_argument("--steps", type=int, default=10, help="timed CPU training steps (0: inference only)")
+    parser.add_argument("--warmup", type=int, default=2, help="CPU training steps before timing")
+    parser.add_argument("--gpu-batch", type=int, default=64)
+    parser.add_argument("--gpu-steps", type=int, default=50)
+    parser.add_argument("--gpu-warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10, help="timed inference batches (median)")
+    parser.add_argument("--infer-warmup", type=int, default=3)
+    parser.add_argument("--no-ray", dest="ray", action="store_false", help="feed CPU training by producers")
+    parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--producers", type=int, default=4, help="Ray-free feed: producer threads/processes")
+    parser.add_argument("--producer", choices=["thread", "process"], default="thread")
+    parser.add_argument("--data-timeout", type=float, default=300.0, help="longest wait for one batch, s")
+    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--slide-size", type=int, default=4096)
+    parser.add_argument("--workdir", type=Path, default=Path(".bench"))
+    args = parser.parse_args(argv)
+    args.models = args.models or [None] * len(args.engines)
+    if len(args.models) != len(args.engines):
+        parser.error(f"--models names {len(args.models)} models for {len(args.engines)} engines")
+
+    import torch
+
+    from pathray.datasets.manifest import load_manifest
+
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        parser.error("--device cuda: torch sees no GPU")
+    if args.ray and not ray_available():
+        print("ray is not installed: CPU training is fed by producers, as with --no-ray")
+        args.ray = False
+    devices = {"auto": ["cpu", "cuda"] if cuda else ["cpu"], "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
+    manifest = load_manifest(write_slides(args.workdir, args.slides, args.slide_size))
+    rows = [row for name in devices for row in bench_device(name, args, manifest, len(manifest))]
+
+    gpu_name = f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""
+    print(
+        f"\n{len(manifest)} synthetic slides of {args.slide_size}^2 px, {args.size} px tiles (engine mpp), "
+        f"segmentation; torch {torch.__version__}, {torch.get_num_threads()} threads on "
+        f"{os.cpu_count()} CPUs{gpu_name}; GPU rows in bf16"
+    )
+    print(
+        f"{'engine':11s} {'model':22s} {'device':6s} {'feed':18s} {'batch':>5s} {'steps/s':>8s} "
+        f"{'images/s':>9s} {'data wait':>9s} {'infer img/s':>11s}"
+    )
+    for r in rows:
+        print(
+            f"{r.engine:11s} {r.model:22s} {r.device:6s} {r.feed:18s} {r.batch:5d} {r.steps_s:8.2f} "
+            f"{r.images_s:9.1f} {r.wait_share:9.1%} {r.infer_batch / r.infer_s:11.1f}"
+        )
+    best = [r for r in rows if r.device == devices[-1]]
+    for name in devices:
+        print(f"{name}: cnn_vs_foundation_infer={infer_ratio([r for r in rows if r.device == name]):.2f}")
+    worst = max((r.wait_share for r in best if not math.isnan(r.wait_share)), default=math.nan)
+    print(f"data_wait_share={worst:.3f} cnn_vs_foundation_infer={infer_ratio(best):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
