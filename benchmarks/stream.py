@@ -25,17 +25,12 @@ import numpy as np
 
 
 def write_slides(workdir: Path, n: int, size: int) -> Path:
-    from pathray.datasets.manifest import synthetic_manifest, write_manifest
-    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+    """Synthetic slides (seed 0), every one in ``train``; reused when present."""
+    from pathray.datasets.manifest import write_synthetic_dataset
 
-    folder = workdir / f"stream_{n}x{size}"
-    manifest = folder / "manifest.parquet"
-    if not manifest.exists():
-        slides = write_synthetic_slides(folder, n=n, seed=0, config=SynthConfig(size=size))
-        frame = synthetic_manifest(slides)
-        frame["split"] = "train"
-        write_manifest(frame, manifest)
-    return manifest
+    return write_synthetic_dataset(
+        workdir / f"stream_{n}x{size}", n, size, fractions={"train": 1.0}, reuse=True
+    )
 
 
 def stream_config(tiles_per_slide: int) -> Any:

@@ -123,18 +123,15 @@ def slides_synth(
     ] = None,
 ) -> None:
     """Write synthetic H&E-like pyramidal slides, their GeoJSON ground truth and a manifest."""
-    from pathray.datasets.manifest import synthetic_manifest, write_manifest
-    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+    import pandas as pd
+
+    from pathray.datasets.manifest import write_synthetic_dataset
 
     if n < 1 or size < 512:
         fail("--n must be at least 1 and --size at least 512")
-    out.mkdir(parents=True, exist_ok=True)
-    slides = write_synthetic_slides(out, n=n, seed=seed, config=SynthConfig(size=size))
-    manifest = write_manifest(
-        synthetic_manifest(slides, uri_prefix=uri_prefix, seed=seed), out / "manifest.parquet"
-    )
-    for s in slides:
-        typer.echo(f"{s.path}  {s.width}x{s.height}  label={s.label}")
+    manifest = write_synthetic_dataset(out, n, size, seed=seed, uri_prefix=uri_prefix)
+    for row in pd.read_parquet(manifest).itertuples():
+        typer.echo(f"{row.uri}  {size}x{size}  label={row.label}  split={row.split}")
     typer.echo(f"manifest: {manifest}")
 
 

@@ -241,3 +241,25 @@ def select_fraction(frame: pd.DataFrame, fraction: float) -> pd.DataFrame:
     if "fraction" not in frame.columns:
         raise ValueError("the manifest has no 'fraction' column; call assign_fractions first")
     return frame[frame["fraction"] <= fraction + 1e-9]
+
+
+def write_synthetic_dataset(
+    out: Path,
+    n: int,
+    size: int,
+    seed: int = 0,
+    uri_prefix: str | None = None,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    reuse: bool = False,
+) -> Path:
+    """Synthetic slides, their annotations and ``out/manifest.parquet``; returns the manifest path.
+
+    With ``reuse`` an existing manifest is returned as is (benchmarks rerun on the same slides).
+    """
+    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+
+    path = Path(out) / "manifest.parquet"
+    if reuse and path.exists():
+        return path
+    slides = write_synthetic_slides(Path(out), n=n, seed=seed, config=SynthConfig(size=size))
+    return write_manifest(synthetic_manifest(slides, uri_prefix, seed=seed, fractions=fractions), path)
