@@ -61,8 +61,8 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
-# The project's registries. Modules add to them when they are imported; `load_plugins`
-# imports the modules that hold the built-in entries.
+# The project's registries. Modules add to them when they are imported; the factories
+# (`open_slide`, `build_engine`, `build_task`, `build_sampler`) import the built-in ones first.
 SLIDE_BACKENDS: Registry[type] = Registry("slide backend")
 TASKS: Registry[type] = Registry("task")
 ENGINES: Registry[type] = Registry("engine")
