@@ -52,8 +52,3 @@ def select_level(level_mpps: Sequence[float], target_mpp: float, tolerance: floa
     if abs(scale - 1.0) <= tolerance:
         scale = 1.0
     return LevelChoice(best, scale)
-
-
-def select_level_for_downsample(downsamples: Sequence[float], downsample: float) -> LevelChoice:
-    """The same rule in units of level-0 pixels, for slides whose mpp is unknown."""
-    return select_level(list(downsamples), downsample)
