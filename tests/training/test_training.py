@@ -105,6 +105,25 @@ def test_a_tiny_segmentation_run_learns(ray_local, manifest_path, tmp_path):
     for name in ("config.yaml", "metrics.json", "history.jsonl", "curves.png"):
         assert (run_dir / name).stat().st_size > 0
     assert load_config(run_dir / "config.yaml").run.name == "learns"  # the resolved config reloads
+    # The exported model package rebuilds the trained model: same weights, same outputs.
+    import torch
+
+    from pathray.models.package import read_model_package
+    from pathray.training.evaluate import load_trained
+
+    package = read_model_package(result.paths["model"])
+    served, _ = package.build()
+    trained, _ = load_trained(cfg, ray_checkpoint(result.checkpoint))
+    tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(served(tiles), trained(tiles))
+    assert package.meta["step"] == 60 and package.config.task.classes == cfg.task.classes
+
+
+def ray_checkpoint(path: str):
+    import ray.train
+
+    return ray.train.Checkpoint.from_directory(path)
 
 
 @pytest.mark.parametrize(

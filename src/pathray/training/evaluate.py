@@ -14,7 +14,7 @@ EVAL_EPOCH = 1_000_000  # a coordinate stream no training epoch ever draws
 
 def load_trained(cfg: PathrayConfig, checkpoint: Any) -> tuple[torch.nn.Module, Any]:
     """Model and task of a run, with the checkpoint's weights, in eval mode."""
-    from pathray.training.loop import build_model
+    from pathray.models.task_model import build_model
 
     model, task = build_model(cfg)
     with checkpoint.as_directory() as d:

@@ -133,8 +133,22 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
         metrics.update(evaluation)
         history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
     paths = {}
+    if checkpoint is not None and cfg.task.name != "ssl":
+        paths["model"] = export_model(cfg, checkpoint, f"{run_dir}/model", metrics)
     if "://" not in run_dir:
         from pathray.training.outputs import write_run_outputs
 
-        paths = write_run_outputs(Path(run_dir), cfg, history, metrics)
+        paths.update(write_run_outputs(Path(run_dir), cfg, history, metrics))
     return TrainResult(run_dir, checkpoint.path if checkpoint else None, metrics, paths)
+
+
+def export_model(cfg: PathrayConfig, checkpoint: Any, uri: str, metrics: dict[str, Any]) -> str:
+    """Write the final weights as a model package (``pathray.models.package``) a server can load."""
+    import torch
+
+    from pathray.models.package import save_model_package
+
+    with checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    meta = {"run": cfg.run.name, "step": saved.get("step"), "metrics": metrics}
+    return save_model_package(uri, cfg, saved["model"], meta, cfg.storage)
