@@ -1,0 +1,1 @@
+"""Whole-slide inference without Ray: tissue grid, batched prediction, stitching, outputs."""

@@ -1,0 +1,27 @@
+"""Typed config of whole-slide inference (torch-free, so the Serve ingress and the CLI load it cheaply)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InferenceConfig(BaseModel):
+    """How a slide is cut, predicted and stitched; one section shared by the CLI, batch jobs and Serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(32, ge=1, description="tiles per forward pass")
+    overlap: float = Field(0.125, ge=0.0, lt=1.0, description="grid overlap fraction between neighbours")
+    min_tissue: float = Field(0.05, ge=0.0, le=1.0, description="least tissue fraction of a grid tile")
+    out_mpp: float = Field(4.0, gt=0, description="µm/px of the stitched class map")
+    chunk_tiles: int = Field(128, ge=1, description="tiles per chunk: the unit of work of a replica / task")
+    read_threads: int = Field(4, ge=1, description="threads reading tiles inside one predictor call")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto | cpu | cuda")
+    precision: str = Field(
+        "auto", pattern="^(auto|fp32|bf16)$", description="auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16"
+    )
+    min_region_um2: float = Field(2500, ge=0, description="smaller polygons are dropped from the GeoJSON")
+    clip_to_tissue: bool = Field(
+        True, description="class-map pixels outside the tissue mask are 255 (not analysed), not Background"
+    )
+    read_batch: int = Field(16, ge=1, description="tiles per read_batch call of one reader thread")

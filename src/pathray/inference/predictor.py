@@ -1,0 +1,224 @@
+"""The one predictor: a model package -> tile predictions -> compact chunk results (no Ray).
+
+    predictor = Predictor.from_package("runs/x/model")
+    plan = plan_grid(slide, predictor.spec, predictor.config)
+    for result in predictor.iter_chunks(slide, plan, plan.chunks(128)): stitcher.add(result)
+
+A Serve replica calls ``predict_chunk`` per chunk; offline runs and the CLI use ``analyze_slide``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pathray.inference.config import InferenceConfig
+from pathray.inference.grid import Chunk, GridPlan, map_windows, window_counts
+from pathray.inference.points import grid_keys, owned
+from pathray.inference.reader import TileReader
+from pathray.inference.reduce import window_means
+from pathray.inference.results import ChunkResult, TilePredictions
+from pathray.wsi.slide import Slide
+from pathray.wsi.storage import StorageConfig
+
+INSTANCE_CLASSES = ["Background", "Foreground"]
+"""Instance models are stitched as foreground segmentation (instances are not yet merged across tiles)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model predicts and from which tiles; ``classes`` are the class-map indices."""
+
+    task: str
+    classes: list[str]
+    point_classes: list[str]
+    tile_size: int
+    tile_mpp: float
+    peak_threshold: float = 0.3
+    match_radius_um: float = 4.0
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_map(self) -> bool:
+        return self.task != "detection"
+
+
+def spec_from_config(cfg: Any, name: str = "") -> ModelSpec:
+    """The spec of a package's ``PathrayConfig``: its task and the stream's tile size and first mpp."""
+    sampler, task = cfg.data.stream.sampler, cfg.task
+    classes = INSTANCE_CLASSES if task.name == "instance" else list(task.classes)
+    return ModelSpec(
+        task=task.name,
+        classes=classes,
+        point_classes=list(task.point_classes),
+        tile_size=int(sampler.size),
+        tile_mpp=float(sampler.mpps[0]),
+        peak_threshold=float(task.peak_threshold),
+        match_radius_um=float(task.match_radius_um),
+        name=name,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """A model in eval mode on its device, its spec and the inference config.
+
+    Args:
+        model: uint8 ``(B, H, W, 3)`` tiles -> task outputs (a ``TaskModel``, or any module alike).
+        spec: what the outputs mean.
+        config: batch size, reader threads, device, precision.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, config: InferenceConfig | None = None) -> None:
+        self.spec = spec
+        self.config = config or InferenceConfig()
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device).eval()
+        bf16 = self.config.precision == "bf16" or (
+            self.config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.dtype = torch.bfloat16 if bf16 else None
+
+    @classmethod
+    def from_package(
+        cls, uri: str, storage: StorageConfig | None = None, config: InferenceConfig | None = None
+    ) -> Predictor:
+        """Load a model package (``save_model_package`` / a training run's ``model/``)."""
+        from pathray.models.package import read_model_package
+
+        config = config or InferenceConfig()
+        package = read_model_package(uri, storage)
+        model, _ = package.build("cpu")
+        return cls(model, spec_from_config(package.config, name=uri), config)
+
+    # -- tiles --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, images: np.ndarray) -> Any:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            return self.model(x)
+
+    def _probs(self, outputs: Any) -> torch.Tensor:
+        """Class probabilities ``(B, C, H, W)`` (``(B, C, 1, 1)`` for classification)."""
+        out = outputs.float()
+        if self.spec.task == "classification":
+            return out.softmax(1)[:, :, None, None]
+        if self.spec.task == "instance":
+            fg = out[:, :1].sigmoid()
+            return torch.cat([1 - fg, fg], 1)
+        return out.softmax(1)
+
+    def _points(self, outputs: Any) -> list[np.ndarray]:
+        from pathray.models.detection import decode_points
+
+        return decode_points(outputs.float().sigmoid(), self.spec.peak_threshold)
+
+    def predict_tiles(self, images: np.ndarray) -> TilePredictions:
+        """Predictions of uint8 ``(N, H, W, 3)`` tiles, in batches of ``config.batch_size``."""
+        probs, points = [], []
+        for s in range(0, len(images), self.config.batch_size):
+            outputs = self._forward(images[s : s + self.config.batch_size])
+            if self.spec.has_map:
+                probs.append(self._probs(outputs).cpu().numpy())
+            else:
+                points.extend(self._points(outputs))
+        if self.spec.has_map:
+            return TilePredictions(probs=np.concatenate(probs) if probs else None)
+        return TilePredictions(points=points)
+
+    # -- chunks -------------------------------------------------------------------------------
+    def predict_chunk(
+        self, slide: Slide | str, plan: GridPlan, chunk: Chunk, storage: StorageConfig | None = None
+    ) -> ChunkResult:
+        """Read the chunk's tiles (threads), predict them in batches, return a compact result."""
+        return next(iter(self.iter_chunks(slide, plan, [chunk], storage)))
+
+    def iter_chunks(
+        self,
+        slide: Slide | str,
+        plan: GridPlan,
+        chunks: Iterable[Chunk],
+        storage: StorageConfig | None = None,
+    ) -> Iterator[ChunkResult]:
+        """Chunk results in order, while reader threads read ahead (also across chunk borders)."""
+        if isinstance(slide, str):
+            from pathray.wsi.open import open_slide
+
+            slide = open_slide(slide, storage)
+        chunks = list(chunks)
+        with TileReader(slide, plan, chunks, self.config.read_threads, self.config.read_batch) as reader:
+            for chunk in chunks:
+                yield self._run_chunk(plan, chunk, reader)
+
+    def _run_chunk(self, plan: GridPlan, chunk: Chunk, reader: TileReader) -> ChunkResult:
+        t0 = time.perf_counter()
+        wait = predict = 0.0
+        parts: list[Any] = []
+        points: list[np.ndarray] = []
+        buffer: list[np.ndarray] = []
+        done, bs = 0, self.config.batch_size
+        for tiles in reader.batches(chunk.index):
+            wait += reader.last_wait
+            buffer.append(tiles)
+            buffered = sum(len(b) for b in buffer)
+            if buffered < bs and done + buffered < len(chunk):
+                continue
+            images, buffer = np.concatenate(buffer), []
+            t1 = time.perf_counter()
+            for s in range(0, len(images), bs):
+                batch = images[s : s + bs]
+                xs, ys = chunk.xs[done : done + len(batch)], chunk.ys[done : done + len(batch)]
+                outputs = self._forward(batch)
+                if self.spec.has_map:
+                    parts.append(window_means(self._probs(outputs), plan, xs, ys))
+                else:
+                    points.append(self._level0_points(plan, self._points(outputs), xs, ys))
+                done += len(batch)
+            predict += time.perf_counter() - t1
+        result = self._assemble(plan, chunk, parts, points)
+        result.timings = {"read_wait_s": wait, "predict_s": predict, "total_s": time.perf_counter() - t0}
+        return result
+
+    def _level0_points(
+        self, plan: GridPlan, found: list[np.ndarray], xs: np.ndarray, ys: np.ndarray
+    ) -> np.ndarray:
+        """Tile-px points -> level-0 rows ``(x, y, class, score, tile key)`` that their tile owns."""
+        scale = plan.extent / plan.tile_size
+        rows = []
+        for pts, x, y in zip(found, xs, ys, strict=True):
+            lvl0 = np.column_stack([x + pts[:, 0] * scale, y + pts[:, 1] * scale, pts[:, 2], pts[:, 3]])
+            keep = owned(plan, lvl0, np.full(len(pts), x), np.full(len(pts), y))
+            key = float(grid_keys(plan, np.asarray(x), np.asarray(y)))
+            rows.append(np.column_stack([lvl0[keep], np.full(int(keep.sum()), key)]))
+        return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 5))
+
+    def _assemble(
+        self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray]
+    ) -> ChunkResult:
+        n = len(chunk)
+        if not self.spec.has_map:
+            rows, cols, _ = map_windows(plan, chunk.xs, chunk.ys)
+            hs, ws = window_counts(plan, chunk.ys, rows), window_counts(plan, chunk.xs, cols)
+            pts = np.concatenate(points) if points else np.zeros((0, 5))
+            return ChunkResult(chunk.index, n, rows, cols, hs, ws, points=pts)
+        k = max(int(p[0].shape[-1]) for p in parts) if parts else 1
+        probs = [torch.nn.functional.pad(p[0], (0, k - p[0].shape[-1], 0, k - p[0].shape[-2])) for p in parts]
+        cat = torch.cat(probs).to(torch.float16).cpu().numpy() if probs else None
+        rows, cols, hs, ws = (np.concatenate([p[i] for p in parts]) for i in range(1, 5))
+        return ChunkResult(chunk.index, n, rows, cols, hs, ws, probs=cat)

@@ -1,0 +1,52 @@
+"""What a predictor returns: predictions of tiles in memory, and the compact result of one chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TilePredictions:
+    """Predictions of a batch of tiles, in tile pixels.
+
+    Attributes:
+        probs: ``(N, C, H, W)`` float32 class probabilities (segmentation, instance foreground),
+            ``(N, C, 1, 1)`` for classification; None for detection.
+        points: per tile a ``(n, 4)`` float32 array ``(x, y, class, score)`` in tile px (detection).
+    """
+
+    probs: np.ndarray | None = None
+    points: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        if self.probs is not None:
+            return len(self.probs)
+        return len(self.points or [])
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's predictions reduced to the class map's resolution: a few MB at most.
+
+    ``probs[i, :, :heights[i], :widths[i]]`` (float16) is tile ``i``'s mean class probability over
+    each class-map pixel whose centre lies in the tile, starting at map pixel ``(rows[i], cols[i])``;
+    a ``(N, C, 1, 1)`` array (classification) paints the whole window. ``points`` are detections
+    ``(x, y, class, score)`` in level-0 px that this chunk's tiles own (nearest tile centre).
+    """
+
+    index: int
+    n_tiles: int
+    rows: np.ndarray
+    cols: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+    probs: np.ndarray | None = None
+    points: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.rows, self.cols, self.heights, self.widths, self.probs, self.points]
+        return sum(a.nbytes for a in arrays if a is not None)

@@ -1,0 +1,129 @@
+"""Chunk results -> one class map (mean probabilities where tiles overlap, then argmax) and points."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pathray.inference.grid import GridPlan
+from pathray.inference.outputs import NO_DATA, AnalysisResult, class_areas_mm2
+from pathray.inference.points import suppress_duplicates
+from pathray.inference.predictor import ModelSpec
+from pathray.inference.results import ChunkResult
+
+
+class Stitcher:
+    """Accumulates chunk results in any order; a chunk index seen before is ignored (retries)."""
+
+    def __init__(self, plan: GridPlan, spec: ModelSpec) -> None:
+        self.plan, self.spec = plan, spec
+        rows, cols = plan.map_shape
+        self._sums = np.zeros((len(spec.classes), rows, cols), np.float32) if spec.has_map else None
+        self._covered = np.zeros((rows, cols), bool)
+        self._points: list[np.ndarray] = []
+        self._seen: set[int] = set()
+        self._done = 0
+        self.timings: dict[str, float] = {"read_wait_s": 0.0, "predict_s": 0.0}
+        self.started = time.perf_counter()
+
+    @property
+    def done_tiles(self) -> int:
+        return self._done
+
+    @property
+    def total_tiles(self) -> int:
+        return self.plan.n_tiles
+
+    def add(self, result: ChunkResult) -> bool:
+        """Add one chunk; False (and nothing added) when its index was added before."""
+        if result.index in self._seen:
+            return False
+        self._seen.add(result.index)
+        rows, cols = self.plan.map_shape
+        for i in range(result.n_tiles):
+            r0, c0 = int(result.rows[i]), int(result.cols[i])
+            r1, c1 = min(rows, r0 + int(result.heights[i])), min(cols, c0 + int(result.widths[i]))
+            if self._sums is None or result.probs is None:
+                self._covered[max(r0, 0) : r1, max(c0, 0) : c1] = True
+                continue
+            if r1 <= max(r0, 0) or c1 <= max(c0, 0):
+                continue
+            block = result.probs[i].astype(np.float32)
+            if block.shape[-1] > 1:
+                block = block[:, max(0, -r0) : r1 - r0, max(0, -c0) : c1 - c0]
+            r0, c0 = max(r0, 0), max(c0, 0)
+            self._sums[:, r0:r1, c0:c1] += block
+            self._covered[r0:r1, c0:c1] = True
+        if result.points is not None and len(result.points):
+            self._points.append(result.points)
+        for key in self.timings:
+            self.timings[key] += float(result.timings.get(key, 0.0))
+        self._done += result.n_tiles
+        return True
+
+    def class_map(self) -> np.ndarray:
+        """uint8 argmax of the summed probabilities; 255 where no tile (or no tissue) is."""
+        assert self._sums is not None
+        out = self._sums.argmax(0).astype(np.uint8)
+        out[~self._covered] = NO_DATA
+        tissue = self.plan.tissue_map()
+        if tissue is not None:
+            out[~tissue] = NO_DATA
+        return out
+
+    def points(self) -> np.ndarray:
+        """``(n, 4)`` level-0 ``(x, y, class, score)``, duplicates across tile borders suppressed."""
+        if not self._points:
+            return np.zeros((0, 4))
+        pts = np.concatenate(self._points)
+        radius = self.spec.match_radius_um / self.plan.slide_mpp
+        return pts[suppress_duplicates(pts[:, :4], pts[:, 4], radius), :4]
+
+    def finish(self) -> AnalysisResult:
+        """The stitched result; call after every chunk was added (missing chunks stay 255)."""
+        t0 = time.perf_counter()
+        plan, spec = self.plan, self.spec
+        timings = {**self.timings}
+        result = AnalysisResult(
+            class_map=None,
+            areas_mm2={},
+            gleason=None,
+            points=None,
+            counts=None,
+            slide=plan.slide_uri,
+            model=spec.name,
+            classes=list(spec.classes),
+            point_classes=list(spec.point_classes),
+            task=spec.task,
+            out_mpp=plan.out_mpp,
+            slide_mpp=plan.slide_mpp,
+            tiles=plan.n_tiles,
+            tiles_done=self._done,
+            min_region_um2=plan.min_region_um2,
+        )
+        if spec.has_map:
+            from pathray.inference.gleason import gleason_score
+
+            result.class_map = self.class_map()
+            result.areas_mm2 = class_areas_mm2(result.class_map, spec.classes, plan.out_mpp)
+            result.gleason = gleason_score(result.areas_mm2)
+        else:
+            pts = self.points()
+            names = spec.point_classes
+            result.points = [
+                {"x": float(x), "y": float(y), "class": names[int(k)], "score": float(s)}
+                for x, y, k, s in pts
+            ]
+            result.counts = {n: int((pts[:, 2] == i).sum()) for i, n in enumerate(names)}
+            d = plan.downsample
+            point_map = np.full(plan.map_shape, NO_DATA, np.uint8)
+            r = np.clip((pts[:, 1] / d).astype(np.int64), 0, plan.map_shape[0] - 1)
+            c = np.clip((pts[:, 0] / d).astype(np.int64), 0, plan.map_shape[1] - 1)
+            point_map[r, c] = pts[:, 2].astype(np.uint8)
+            result.point_map = point_map
+            result.areas_mm2 = {"analysed": float(self._covered.sum()) * (plan.out_mpp / 1000.0) ** 2}
+        timings["stitch_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - self.started
+        result.timings = timings
+        return result
