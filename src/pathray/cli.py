@@ -181,6 +181,31 @@ def train(
         typer.echo(f"{name + ':':11s} {path}")
 
 
+@app.command("serve")
+@friendly
+def serve_cmd(
+    config: Annotated[Path, typer.Argument(help="serve config (YAML): stores, http, deployments, security")],
+    overrides: SetOpt = None,
+) -> None:
+    """Serve whole-slide analysis over HTTP on Ray Serve (local Ray unless RAY_ADDRESS); Ctrl-C stops."""
+    import time
+
+    from pathray.serving.app import load_app_config
+    from pathray.serving.run import start_app
+
+    cfg = load_app_config({"config": str(config), "set": overrides or []})
+    url = start_app(cfg)
+    typer.echo(f"serving on {url}  (API docs: {url}/docs, models from {cfg.serve.models})")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+        typer.echo("stopped")
+
+
 @app.command("demo")
 @friendly
 def demo(

@@ -1,0 +1,1 @@
+"""Ray Serve: the analysis app (ingress + multiplexed, autoscaled model replicas) and its client."""

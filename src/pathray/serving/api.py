@@ -1,0 +1,141 @@
+"""The HTTP API (FastAPI): analyses, their files, models, health; auth and body-size limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pathray.inference.outputs import OUTPUT_FILES
+from pathray.serving.config import ServeAppConfig
+from pathray.serving.security import UriRejected, check_slide_uri, is_safe_id, token_matches
+from pathray.serving.service import AnalysisService
+from pathray.serving.store import ModelStore
+
+MEDIA_TYPES = {".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
+
+
+class AnalysisRequest(BaseModel):
+    """``POST /v1/analyses`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slide: str = Field(..., max_length=2048, description="slide URI under an allowed prefix")
+    model: str = Field(..., max_length=128, description="model id (GET /v1/models)")
+    outputs: list[str] | None = Field(None, description=f"files to produce; default all of {OUTPUT_FILES}")
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over ``limit`` bytes get 413 before any handler runs."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(send, self.limit)
+            return
+        body, more = b"", True
+        while more:  # read (at most limit + 1 bytes of) the body here, then replay it
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        sent = [False]
+
+        async def replay() -> dict[str, Any]:
+            if not sent[0]:
+                sent[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    payload = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
+    await send(
+        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def build_api(config: ServeAppConfig, service: AnalysisService, token: str | None) -> FastAPI:
+    """The FastAPI app of one ingress replica; ``token`` None means no auth."""
+    security = config.serve.security
+    models = ModelStore(config.serve.models, config.storage)
+
+    def authorised(request: Request) -> None:
+        if token is not None and not token_matches(request.headers.get("authorization"), token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    api = FastAPI(title="pathray", version="1", description="Whole-slide analysis on Ray Serve.")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        ids = await asyncio.to_thread(models.ids)
+        return {"models": [await asyncio.to_thread(models.describe, i) for i in ids]}
+
+    @v1.post("/analyses", status_code=202)
+    async def create_analysis(body: AnalysisRequest) -> JSONResponse:
+        try:
+            uri = check_slide_uri(body.slide, security.allowed_prefixes)
+        except UriRejected as exc:
+            raise HTTPException(exc.status, exc.reason) from None
+        outputs = list(OUTPUT_FILES) if body.outputs is None else list(dict.fromkeys(body.outputs))
+        unknown = [o for o in outputs if o not in OUTPUT_FILES]
+        if unknown:
+            raise HTTPException(422, f"unknown outputs {unknown}; known: {list(OUTPUT_FILES)}")
+        if "summary.json" not in outputs:
+            outputs.append("summary.json")
+        known = await asyncio.to_thread(models.ids)
+        if body.model not in known:
+            raise HTTPException(404, {"message": f"unknown model {body.model!r}", "known": known})
+        analysis = service.submit(body.slide, uri, body.model, outputs)
+        doc = analysis.doc()
+        return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})
+
+    @v1.get("/analyses/{analysis_id}")
+    async def get_analysis(analysis_id: str) -> dict[str, Any]:
+        doc = await service.status(analysis_id) if is_safe_id(analysis_id) else None
+        if doc is None:
+            raise HTTPException(404, f"no analysis {analysis_id!r}")
+        return doc
+
+    @v1.get("/analyses/{analysis_id}/{name}")
+    async def get_file(analysis_id: str, name: str) -> Response:
+        if name not in OUTPUT_FILES:
+            raise HTTPException(404, f"no file {name!r}; files: {list(OUTPUT_FILES)}")
+        doc = await service.status(analysis_id) if is_safe_id(analysis_id) else None
+        if doc is None:
+            raise HTTPException(404, f"no analysis {analysis_id!r}")
+        if doc["status"] != "done":
+            raise HTTPException(409, f"analysis {analysis_id} is {doc['status']}, not done")
+        if name not in doc["links"]:
+            raise HTTPException(404, f"{name} was not asked for in this analysis")
+        data = await asyncio.to_thread(service.results.read_bytes, analysis_id, name)
+        if data is None:
+            raise HTTPException(404, f"{name} of {analysis_id} is gone from the results store")
+        return Response(data, media_type=MEDIA_TYPES["." + name.rsplit(".", 1)[-1]])
+
+    api.include_router(v1)
+    api.add_middleware(BodyLimit, limit=config.serve.ingress.max_body_bytes)
+    return api

@@ -1,0 +1,76 @@
+"""``build_app``: the Serve application of pathray, typed and built on demand (nothing runs at import).
+
+serve run configs/serve-app.yaml                  # Serve's own CLI, args from the YAML
+pathray serve configs/serve.yaml --set serve.http.port=8100
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from pathray.serving.config import ServeAppConfig
+
+
+class BuildArgs(BaseModel):
+    """What ``serve run``'s ``args`` may hold: a config file, overrides, and/or inline sections."""
+
+    model_config = ConfigDict(extra="allow")
+
+    config: str | None = Field(None, description="a serve config YAML (configs/serve.yaml)")
+    set: list[str] = Field(default_factory=list, description="overrides a.b=value, as on the CLI")
+
+
+def load_app_config(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConfig:
+    """A ServeAppConfig from ``args``: inline sections win over the file, ``set`` wins over both."""
+    from pydantic import ValidationError
+
+    from pathray.config import ConfigError, apply_override, interpolate_env, load_config
+    from pathray.training.config import deep_merge
+
+    if isinstance(args, ServeAppConfig):
+        return args
+    try:
+        parsed = BuildArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError(f"serve app args: {exc.errors()[0]['msg']}") from None
+    base = load_config(Path(parsed.config) if parsed.config else None, [], model=ServeAppConfig)
+    tree = deep_merge(base.model_dump(mode="json", exclude_none=True), parsed.model_extra or {})
+    if base.serve.security.token is not None:  # a SecretStr dumps masked: keep the real one
+        tree["serve"]["security"].setdefault("token", base.serve.security.token.get_secret_value())
+    for override in parsed.set:
+        apply_override(tree, override)
+    try:
+        return ServeAppConfig.model_validate(interpolate_env(tree))
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("serve app config: " + "; ".join(lines)) from None
+
+
+def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
+    """The ingress + model deployments, with resources, autoscaling and limits from config.
+
+    Args:
+        args: ``{"config": "configs/serve.yaml", "set": [...], <sections>...}`` (what ``serve run``
+            passes) or a ready ServeAppConfig.
+    """
+    from pathray.serving.ingress import Ingress
+    from pathray.serving.model import ModelServer
+
+    cfg = load_app_config(args)
+    model, ingress = cfg.serve.model, cfg.serve.ingress
+    model_deployment = ModelServer.options(
+        ray_actor_options=model.actor_options(),
+        autoscaling_config=model.autoscaling_config(),
+        max_ongoing_requests=model.max_ongoing_requests,
+    )
+    ingress_deployment = Ingress.options(
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        num_replicas=ingress.replicas,
+    )
+    token = cfg.serve.security.resolved_token()
+    return ingress_deployment.bind(model_deployment.bind(cfg), cfg, token)

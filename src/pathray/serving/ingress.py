@@ -1,0 +1,53 @@
+"""The ingress deployment: FastAPI over HTTP, chunks to the model deployment through its handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pathray.serving.config import ServeAppConfig
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Errors that mean "the replica went away", so the chunk is worth sending again.
+
+    A slide that cannot be read raises a task error from user code instead, which is final.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+        return False
+    died = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
+    return isinstance(exc, died + (BackPressureError, DeploymentUnavailableError))
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front: checks requests, plans slides, fans chunks out, stitches and stores results.
+
+    Args:
+        model: handle of the ``ModelServer`` deployment.
+        config: the app config.
+        token: the bearer token (resolved by ``build_app``), or None for no auth.
+    """
+
+    def __init__(self, model: DeploymentHandle, config: ServeAppConfig, token: str | None) -> None:
+        from pathray.serving.service import AnalysisService
+
+        self.model, self.config, self.token = model, config, token
+        self.service = AnalysisService(config, self._spec, self._chunk, replica_died)
+
+    async def _spec(self, model_id: str) -> Any:
+        return await self.model.options(multiplexed_model_id=model_id).spec.remote()
+
+    async def _chunk(self, model_id: str, plan: Any, chunk: Any) -> Any:
+        return await self.model.options(multiplexed_model_id=model_id).predict_chunk.remote(plan, chunk)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from pathray.serving.api import build_api
+
+        return build_api(self.config, self.service, self.token)

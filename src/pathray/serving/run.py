@@ -1,0 +1,33 @@
+"""Start the app on Serve at the configured host and port (``pathray serve`` and the tests)."""
+
+from __future__ import annotations
+
+import socket
+
+from pathray.serving.config import ServeAppConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_app(cfg: ServeAppConfig) -> str:
+    """Deploy the app (starting a local Ray if none is connected); returns its base URL.
+
+    Port 0 picks a free port. Serve's HTTP options are fixed once Serve runs on a cluster, so a
+    second app on the same cluster shares the first one's host and port.
+    """
+    from ray import serve
+
+    from pathray.cluster.ray_local import ensure_ray
+    from pathray.serving.app import build_app
+
+    ensure_ray()
+    http = cfg.serve.http
+    port = http.port or free_port(http.host)
+    serve.start(http_options={"host": http.host, "port": port})
+    serve.run(build_app(cfg), name=http.app_name, route_prefix=http.route_prefix)
+    return f"http://{http.host}:{port}{http.route_prefix.rstrip('/')}"

@@ -1,0 +1,195 @@
+"""Analyses inside the ingress: plan the grid, fan chunks out with retries, stitch, write results.
+
+Ray-specific parts are injected (``spec_of``, ``run_chunk``, ``retryable``), so the flow reads as
+plain asyncio: one task per analysis, at most ``inflight_chunks`` chunks in flight each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pathray.serving.config import ServeAppConfig
+from pathray.serving.store import ResultStore
+
+log = logging.getLogger(__name__)
+STATUS_FILE = "status.json"
+STATES = ("queued", "running", "done", "failed")
+
+
+@dataclass
+class Analysis:
+    """One analysis's state; ``doc()`` is what ``GET /v1/analyses/{id}`` returns."""
+
+    id: str
+    slide: str
+    model: str
+    outputs: list[str]
+    uri: str = ""  # the checked URI that is opened (for local files: the resolved path)
+    state: str = "queued"
+    reason: str | None = None
+    done_tiles: int = 0
+    total_tiles: int | None = None
+    chunks_done: int = 0
+    chunks_total: int | None = None
+    retries: int = 0
+    created: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def doc(self, base: str = "/v1/analyses") -> dict[str, Any]:
+        links = {"self": f"{base}/{self.id}"}
+        if self.state == "done":
+            links.update({name: f"{base}/{self.id}/{name}" for name in self.outputs})
+        return {
+            "id": self.id,
+            "status": self.state,
+            "reason": self.reason,
+            "slide": self.slide,
+            "model": self.model,
+            "progress": {
+                "done_tiles": self.done_tiles,
+                "total_tiles": self.total_tiles,
+                "chunks_done": self.chunks_done,
+                "chunks_total": self.chunks_total,
+                "retries": self.retries,
+            },
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "links": links,
+            "files": self.files,
+        }
+
+
+class AnalysisService:
+    """Runs analyses as asyncio tasks and keeps their status in memory and in the results store.
+
+    Args:
+        config: the app config.
+        spec_of: model id -> its ModelSpec (asks a model replica).
+        run_chunk: (model id, plan, chunk) -> ChunkResult (a model replica does the work).
+        retryable: whether a chunk error means "the replica died, try again" rather than a bad slide.
+    """
+
+    def __init__(
+        self,
+        config: ServeAppConfig,
+        spec_of: Callable[[str], Awaitable[Any]],
+        run_chunk: Callable[[str, Any, Any], Awaitable[Any]],
+        retryable: Callable[[BaseException], bool],
+    ) -> None:
+        self.config = config
+        self.section = config.serve.ingress
+        self.spec_of, self.run_chunk, self.retryable = spec_of, run_chunk, retryable
+        self.results = ResultStore(config.serve.output, config.storage)
+        self.analyses: dict[str, Analysis] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.section.max_concurrent_analyses)
+
+    def submit(self, slide: str, uri: str, model: str, outputs: list[str]) -> Analysis:
+        """Queue an analysis of ``slide`` (as asked) at ``uri`` (as checked); returns at once."""
+        analysis = Analysis(uuid.uuid4().hex, slide, model, outputs, uri=uri)
+        self.analyses[analysis.id] = analysis
+        task = asyncio.get_running_loop().create_task(self._run(analysis))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return analysis
+
+    async def status(self, analysis_id: str) -> dict[str, Any] | None:
+        """In-memory status, else the status.json a previous ingress replica left in the store."""
+        if analysis_id in self.analyses:
+            return self.analyses[analysis_id].doc()
+        return await asyncio.to_thread(self.results.read_json, analysis_id, STATUS_FILE)
+
+    async def _save(self, analysis: Analysis) -> None:
+        try:
+            await asyncio.to_thread(self.results.write_json, analysis.id, STATUS_FILE, analysis.doc())
+        except Exception as exc:  # noqa: BLE001 - a status write must not end the analysis
+            log.warning("cannot write status of %s: %s", analysis.id, exc)
+
+    async def _run(self, analysis: Analysis) -> None:
+        await self._save(analysis)
+        async with self._slots:
+            analysis.state = "running"
+            started = time.time()
+            analysis.timings["queued_s"] = started - analysis.created
+            try:
+                await self._analyse(analysis)
+                analysis.state = "done"
+            except Exception as exc:  # noqa: BLE001 - every failure ends as a reason, not a crash
+                analysis.state, analysis.reason = "failed", _reason(exc)
+                log.warning("analysis %s failed: %s", analysis.id, analysis.reason)
+            analysis.timings["total_s"] = time.time() - started
+            await self._save(analysis)
+
+    async def _analyse(self, analysis: Analysis) -> None:
+        from pathray.inference.grid import plan_grid
+        from pathray.inference.stitch import Stitcher
+        from pathray.wsi.open import open_slide
+
+        t0 = time.time()
+        slide = await asyncio.to_thread(open_slide, analysis.uri, self.config.storage)
+        spec = replace(await self.spec_of(analysis.model), name=analysis.model)
+        plan = await asyncio.to_thread(plan_grid, slide, spec, self.config.inference, self.config.tissue)
+        chunks = plan.chunks(self.config.inference.chunk_tiles)
+        analysis.total_tiles, analysis.chunks_total = plan.n_tiles, len(chunks)
+        analysis.timings["plan_s"] = time.time() - t0
+        await self._save(analysis)
+
+        t1 = time.time()
+        stitcher = Stitcher(plan, spec)
+        gate = asyncio.Semaphore(self.section.inflight_chunks)
+        last_save = [time.time()]
+
+        async def one(chunk: Any) -> None:
+            async with gate:
+                result = await self._chunk_with_retries(analysis, plan, chunk)
+            if stitcher.add(result):
+                analysis.done_tiles, analysis.chunks_done = stitcher.done_tiles, analysis.chunks_done + 1
+            if time.time() - last_save[0] > self.section.status_interval_s:
+                last_save[0] = time.time()
+                await self._save(analysis)
+
+        jobs = [asyncio.ensure_future(one(c)) for c in chunks]
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            for job in jobs:
+                job.cancel()
+        analysis.timings["predict_s"] = time.time() - t1
+
+        t2 = time.time()
+        result = await asyncio.to_thread(stitcher.finish)
+        analysis.files = await asyncio.to_thread(self._write, analysis, result, slide)
+        analysis.timings["write_s"] = time.time() - t2
+
+    async def _chunk_with_retries(self, analysis: Analysis, plan: Any, chunk: Any) -> Any:
+        for attempt in range(self.section.chunk_retries + 1):
+            try:
+                return await self.run_chunk(analysis.model, plan, chunk)
+            except Exception as exc:
+                if attempt == self.section.chunk_retries or not self.retryable(exc):
+                    raise
+                analysis.retries += 1
+                log.warning("chunk %d of %s: %s; retrying", chunk.index, analysis.id, _reason(exc))
+                await asyncio.sleep(self.section.retry_backoff_s * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _write(self, analysis: Analysis, result: Any, slide: Any) -> dict[str, str]:
+        from pathray.inference.outputs import write_outputs
+
+        files = write_outputs(result, self.results.dest(analysis.id), slide, self.config.storage)
+        return {name: uri for name, uri in files.items() if name in analysis.outputs}
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for people: the root cause of a Ray task error, not its traceback."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _reason(cause)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

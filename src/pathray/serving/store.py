@@ -1,0 +1,106 @@
+"""The model store (sub-folders are model packages; id = folder name) and the results store."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from pathray.models.package import CONFIG_FILE, WEIGHTS_FILE
+from pathray.serving.security import is_safe_id
+from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
+
+
+def join(uri: str, *names: str) -> str:
+    """``uri/name/...`` for folders and bucket prefixes alike."""
+    return "/".join([uri.rstrip("/"), *names])
+
+
+class ModelStore:
+    """A folder or bucket prefix whose sub-folders are model packages (``pathray.models.package``)."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
+        self.uri = uri
+        self.storage = storage
+        self._location = parse_uri(uri)
+
+    def _fs(self) -> Any:
+        return filesystem(self._location, self.storage)
+
+    def ids(self) -> list[str]:
+        """Model ids: the sub-folders holding a package's config file, sorted."""
+        fs = self._fs()
+        root = self._location.path.rstrip("/")
+        try:
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "directory" and is_safe_id(name):
+                if fs.exists(f"{root}/{name}/{CONFIG_FILE}") and fs.exists(f"{root}/{name}/{WEIGHTS_FILE}"):
+                    found.append(name)
+        return sorted(found)
+
+    def uri_for(self, model_id: str) -> str:
+        """The package URI of ``model_id``; ValueError for ids that are not plain names."""
+        if not is_safe_id(model_id):
+            raise ValueError(f"model id {model_id!r} is not a plain name")
+        return join(self.uri, model_id)
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows of a model: task, engine, classes (from its config only)."""
+        fs = self._fs()
+        with fs.open(f"{self._location.path.rstrip('/')}/{model_id}/{CONFIG_FILE}", "r") as fh:
+            cfg = yaml.safe_load(fh.read()) or {}
+        task, engine = cfg.get("task") or {}, cfg.get("engine") or {}
+        info: dict[str, Any] = {"id": model_id, "task": task.get("name"), "engine": engine.get("name")}
+        if task.get("name") == "detection":
+            info["classes"] = task.get("point_classes")
+        else:
+            info["classes"] = task.get("classes")
+        return info
+
+
+class ResultStore:
+    """``<output>/<analysis id>/``: outputs and status.json, so results outlive any replica."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
+        self.uri = uri
+        self.storage = storage
+        self._location = parse_uri(uri)
+
+    def _fs(self) -> Any:
+        return filesystem(self._location, self.storage)
+
+    def dest(self, analysis_id: str) -> str:
+        """The URI of one analysis's folder (what ``write_outputs`` writes into)."""
+        return join(self.uri, analysis_id)
+
+    def _path(self, analysis_id: str, name: str) -> str:
+        if not is_safe_id(analysis_id) or not is_safe_id(name):
+            raise ValueError(f"not a safe name: {analysis_id!r}/{name!r}")
+        return f"{self._location.path.rstrip('/')}/{analysis_id}/{name}"
+
+    def write_json(self, analysis_id: str, name: str, doc: dict[str, Any]) -> None:
+        """Write ``doc`` as JSON, replacing any earlier version."""
+        fs = self._fs()
+        path = self._path(analysis_id, name)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as fh:
+            fh.write(json.dumps(doc, indent=2, default=str))
+
+    def read_bytes(self, analysis_id: str, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        fs = self._fs()
+        try:
+            with fs.open(self._path(analysis_id, name), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, analysis_id: str, name: str) -> dict[str, Any] | None:
+        data = self.read_bytes(analysis_id, name)
+        return None if data is None else json.loads(data)
