@@ -3,18 +3,21 @@
     python benchmarks/train.py                                   # CPU: the Ray Data stream feeds the steps
     python benchmarks/train.py --steps 5 --warmup 1 --batch 4    # a quick look
     python benchmarks/train.py --device cpu --no-ray             # the Ray-free feed of a GPU box, on CPU
-    python benchmarks/train.py --device cuda                     # GPU only: bf16, batch 64, 4 feed threads
+    python benchmarks/train.py --device cuda                     # GPU only: bf16, batch 64, CPUs-2 producers
 
 Each engine (``foundation``: ViT-S/16, ``cnn``: ResNet-50 U-Net; ``--engines``/``--models`` change
 them) is built from ``configs/gleason-<engine>.yaml`` by the training code (``make_learner``,
 ``build_optimizer``) and trained for segmentation in this process, without Ray Train, on tiles
 cut from a few synthetic slides. On CPU the tiles come from the real Ray Data stream
 (``build_tile_dataset(...).iter_torch_batches``, local Ray with ``--ray-cpus``); on a GPU, or
-with ``--no-ray``, from the stream's own reading code (``sample_slide`` then ``TileReader``) run
-by ``--producers`` threads (or processes) into a bounded queue. The data-wait share is the time
-the loop is blocked on the next batch over the wall time of the timed steps. Inference is the
-model alone (engine + head, eval, no_grad) on random tiles, median of ``--iters`` batches; on a
-GPU in bf16 autocast. torch keeps its default threads: on CPU they share the cores with the readers.
+with ``--no-ray``, from ``pathray.training.feed.ProcessFeed``: ``--producers`` processes run the
+stream's own reading code (``sample_slide`` then ``TileReader``) into shared slots, and a loader
+thread moves each batch through pinned memory onto the device, so the step never copies
+(``--producer thread``: threads in this process instead, bounded by the GIL). The data-wait
+share is the time the loop is blocked on the next batch over the wall time of the timed steps.
+Inference is the model alone (engine + head, eval, no_grad) on random tiles, median of
+``--iters`` batches; on a GPU in bf16 autocast. torch keeps its default threads: on CPU they share
+the cores with the readers.
 
 Last line: ``data_wait_share=X cnn_vs_foundation_infer=Y``, on the best device measured (the GPU
 if any): X the largest data-wait share of any engine, Y the cnn/foundation inference time ratio.
@@ -34,11 +37,8 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -105,57 +105,34 @@ def _put(out: Any, item: Any, stop: Any) -> bool:
 
 
 def produce(manifest: Any, cfg: Any, batch: int, worker: int, workers: int, out: Any, stop: Any) -> None:
-    """One producer: ``sample_slide`` + ``TileReader`` over every ``workers``-th sampling row, epoch
-    after epoch, cut into numpy batches of ``batch`` tiles put on ``out`` (an error goes as a str)."""
-    from pathray.datasets.stream import TileReader, sample_slide, slide_rows
+    """One producer thread: the feed's ``read_batches`` onto ``out`` (an error goes as a str)."""
+    from pathray.training.feed import read_batches
 
     try:
-        stream, storage = cfg.data.stream, cfg.storage
-        reader = TileReader(stream, storage)
-        carry: dict[str, np.ndarray] | None = None
-        epoch = 0
-        while not stop.is_set():
-            rows = slide_rows(manifest, "train", stream, range(epoch, epoch + 1))[worker::workers]
-            if not rows:
+        for tiles in read_batches(manifest, cfg, batch, worker, workers):
+            if not _put(out, tiles, stop):
                 return
-            for row in rows:
-                coords = sample_slide(row, stream, storage, cfg.tissue, worker=0, faults=None)
-                if not coords:
-                    continue
-                tiles = reader({k: np.asarray([c[k] for c in coords]) for k in coords[0]})
-                if carry is not None:
-                    tiles = {k: np.concatenate([carry[k], tiles[k]]) for k in tiles}
-                n = len(tiles["x"])
-                for start in range(0, n - batch + 1, batch):
-                    if not _put(out, {k: v[start : start + batch] for k, v in tiles.items()}, stop):
-                        return
-                rest = n - n % batch
-                carry = {k: v[rest:] for k, v in tiles.items()} if rest < n else None
-            epoch += 1
     except Exception as exc:  # noqa: BLE001 - reported by the consumer, which stops the run
         _put(out, f"producer {worker}: {type(exc).__name__}: {exc}", stop)
 
 
-class ProducerFeed:
-    """Ray-free tile batches: ``workers`` threads (or spawned processes) running ``produce``."""
+class ThreadFeed:
+    """Ray-free tile batches from ``workers`` threads in this process (the GIL bounds them)."""
 
-    def __init__(self, manifest: Any, cfg: Any, batch: int, workers: int, kind: str, timeout: float) -> None:
-        if kind == "process":
-            ctx = get_context("spawn")
-            self.out: Any = ctx.Queue(maxsize=2 * workers)
-            self.stop: Any = ctx.Event()
-            make: Any = ctx.Process
-        else:
-            self.out, self.stop, make = queue.Queue(maxsize=2 * workers), threading.Event(), threading.Thread
+    def __init__(self, manifest: Any, cfg: Any, batch: int, workers: int, timeout: float) -> None:
+        self.out: Any = queue.Queue(maxsize=2 * workers)
+        self.stop = threading.Event()
         self.timeout = timeout
         self.workers = [
-            make(target=produce, args=(manifest, cfg, batch, i, workers, self.out, self.stop), daemon=True)
+            threading.Thread(
+                target=produce, args=(manifest, cfg, batch, i, workers, self.out, self.stop), daemon=True
+            )
             for i in range(workers)
         ]
         for w in self.workers:
             w.start()
 
-    def __iter__(self) -> ProducerFeed:
+    def __iter__(self) -> ThreadFeed:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -171,15 +148,8 @@ class ProducerFeed:
 
     def close(self) -> None:
         self.stop.set()
-        deadline = time.monotonic() + 10
-        while any(w.is_alive() for w in self.workers) and time.monotonic() < deadline:
-            try:  # a process cannot exit while its queue still holds what it put
-                self.out.get(timeout=0.1)
-            except queue.Empty:
-                pass
         for w in self.workers:
-            if w.is_alive() and hasattr(w, "terminate"):
-                w.terminate()
+            w.join(timeout=10)
 
 
 @dataclass
@@ -265,6 +235,7 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
         (args.gpu_batch, args.gpu_steps, args.gpu_warmup) if gpu else (args.batch, args.steps, args.warmup)
     )
     use_ray = not gpu and args.ray
+    producers = args.producers or max(1, (os.cpu_count() or 2) - 2)
     built = []
     for engine, model in zip(args.engines, args.models, strict=True):
         cfg = engine_config(engine, model, args.size, batch)
@@ -291,10 +262,14 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
         if use_ray:
             feed: Any = ray_batches(manifest, cfg, batch)
             row.feed = f"ray data ({args.ray_cpus} cpus)"
+        elif args.producer == "process":
+            from pathray.training.feed import ProcessFeed
+
+            feed = ProcessFeed(manifest, cfg, batch, producers, device, timeout=args.data_timeout)
+            row.feed = f"{producers} process{'es' if producers > 1 else ''}"
         else:
-            feed = ProducerFeed(manifest, cfg, batch, args.producers, args.producer, args.data_timeout)
-            plural = "" if args.producers == 1 else "es" if args.producer == "process" else "s"
-            row.feed = f"{args.producers} {args.producer}{plural}"
+            feed = ThreadFeed(manifest, cfg, batch, producers, args.data_timeout)
+            row.feed = f"{producers} thread{'s' if producers > 1 else ''}"
         try:
             wall, wait = time_training(learner, cfg, feed, device, warmup, steps)
         finally:
@@ -342,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer-warmup", type=int, default=3)
     parser.add_argument("--no-ray", dest="ray", action="store_false", help="feed CPU training by producers")
     parser.add_argument("--ray-cpus", type=int, default=2)
-    parser.add_argument("--producers", type=int, default=4, help="Ray-free feed: producer threads/processes")
-    parser.add_argument("--producer", choices=["thread", "process"], default="thread")
+    parser.add_argument(
+        "--producers", type=int, default=0, help="Ray-free feed: producers (0: all CPUs but two)"
+    )
+    parser.add_argument("--producer", choices=["thread", "process"], default="process")
     parser.add_argument("--data-timeout", type=float, default=300.0, help="longest wait for one batch, s")
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--slide-size", type=int, default=4096)
