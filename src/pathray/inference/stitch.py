@@ -107,7 +107,7 @@ class Stitcher:
 
             result.class_map = self.class_map()
             result.areas_mm2 = class_areas_mm2(result.class_map, spec.classes, plan.out_mpp)
-            result.gleason = gleason_score(result.areas_mm2)
+            result.gleason = gleason_score(result.areas_mm2, plan.min_region_um2 / 1e6)
         else:
             pts = self.points()
             names = spec.point_classes
