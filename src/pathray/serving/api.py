@@ -109,6 +109,10 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
         known = await asyncio.to_thread(models.ids)
         if body.model not in known:
             raise HTTPException(404, {"message": f"unknown model {body.model!r}", "known": known})
+        if service.pending >= config.serve.ingress.max_pending_analyses:
+            raise HTTPException(
+                429, "too many analyses queued; try again later", headers={"Retry-After": "30"}
+            )
         analysis = service.submit(body.slide, uri, body.model, outputs)
         doc = analysis.doc()
         return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})

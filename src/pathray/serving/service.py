@@ -90,14 +90,26 @@ class AnalysisService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.section.max_concurrent_analyses)
 
+    @property
+    def pending(self) -> int:
+        """Analyses queued or running."""
+        return len(self._tasks)
+
     def submit(self, slide: str, uri: str, model: str, outputs: list[str]) -> Analysis:
         """Queue an analysis of ``slide`` (as asked) at ``uri`` (as checked); returns at once."""
         analysis = Analysis(uuid.uuid4().hex, slide, model, outputs, uri=uri)
+        self._forget_old()
         self.analyses[analysis.id] = analysis
         task = asyncio.get_running_loop().create_task(self._run(analysis))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return analysis
+
+    def _forget_old(self) -> None:
+        """Keep the newest finished analyses in memory; older ones are served from the store."""
+        finished = [a for a in self.analyses.values() if a.state in ("done", "failed")]
+        for old in finished[: max(0, len(finished) - self.section.keep_in_memory)]:
+            del self.analyses[old.id]
 
     async def status(self, analysis_id: str) -> dict[str, Any] | None:
         """In-memory status, else the status.json a previous ingress replica left in the store."""
@@ -170,9 +182,11 @@ class AnalysisService:
     async def _chunk_with_retries(self, analysis: Analysis, plan: Any, chunk: Any) -> Any:
         for attempt in range(self.section.chunk_retries + 1):
             try:
-                return await self.run_chunk(analysis.model, plan, chunk)
+                call = self.run_chunk(analysis.model, plan, chunk)
+                return await asyncio.wait_for(call, self.section.chunk_timeout_s)
             except Exception as exc:
-                if attempt == self.section.chunk_retries or not self.retryable(exc):
+                again = isinstance(exc, TimeoutError) or self.retryable(exc)
+                if attempt == self.section.chunk_retries or not again:
                     raise
                 analysis.retries += 1
                 log.warning("chunk %d of %s: %s; retrying", chunk.index, analysis.id, _reason(exc))

@@ -1,0 +1,358 @@
+"""The Serve app over real HTTP on 127.0.0.1: security, end-to-end analyses, failures, autoscaling, faults.
+
+One Serve instance (on real local Ray) serves every test of this module; model packages are
+saved from debug engines and slides are synthetic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TOKEN = "test-token-1234"
+APP = "pathray"
+
+
+@dataclass
+class Service:
+    url: str
+    root: Path
+    slides: Path
+    outside: Path
+    output: Path
+    client: httpx.Client
+
+    def post(self, body: object, **kw: object) -> httpx.Response:
+        return self.client.post("/v1/analyses", json=body, **kw)  # type: ignore[arg-type]
+
+    def wait(self, analysis_id: str, timeout: float = 180.0, seen: list | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.client.get(f"/v1/analyses/{analysis_id}").json()
+            if seen is not None:
+                seen.append(doc["progress"]["done_tiles"])
+            if doc["status"] in ("done", "failed"):
+                return doc
+            time.sleep(0.2)
+        raise AssertionError(f"analysis {analysis_id} did not end in {timeout} s: {doc}")
+
+
+def save_debug_package(uri: Path, engine: str) -> None:
+    from pathray.config import load_config
+    from pathray.models.package import save_model_package
+    from pathray.models.task_model import build_model
+
+    cfg = load_config(None, [f"engine.name={engine}"])
+    model, _ = build_model(cfg)
+    save_model_package(str(uri), cfg, model.state_dict(), {"run": "test"})
+
+
+def model_replicas() -> int:
+    from ray import serve
+
+    states = serve.status().applications[APP].deployments["ModelServer"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory) -> Service:
+    from ray import serve
+
+    from pathray.serving.app import load_app_config
+    from pathray.serving.run import start_app
+    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
+
+    root = tmp_path_factory.mktemp("serve")
+    slides, outside = root / "slides", root / "outside"
+    write_synthetic_slides(slides, 1, seed=0, config=SynthConfig(size=4096))
+    write_synthetic_slides(slides / "big", 1, seed=1, config=SynthConfig(size=6144))
+    outside.mkdir()
+    (slides / "broken.svs").write_bytes(b"this is not a slide" * 10)
+    save_debug_package(root / "models" / "seg", "debug_cnn")
+    save_debug_package(root / "models" / "seg-vit", "debug_vit")
+    (root / "models" / "not-a-model").mkdir()
+    cfg = load_app_config(
+        {
+            "inference": {"chunk_tiles": 4, "read_threads": 2, "batch_size": 16},
+            "serve": {
+                "models": str(root / "models"),
+                "output": str(root / "out"),
+                "http": {"port": 0, "app_name": APP},
+                "ingress": {
+                    "num_cpus": 0.25,
+                    "inflight_chunks": 2,
+                    "max_body_bytes": 4096,
+                    "chunk_retries": 6,
+                    "retry_backoff_s": 0.5,
+                    "status_interval_s": 0.5,
+                },
+                "model": {
+                    "num_cpus": 1,
+                    "max_ongoing_requests": 2,
+                    "autoscaling": {
+                        "min_replicas": 1,
+                        "max_replicas": 2,
+                        "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1,
+                        "downscale_delay_s": 3,
+                        "look_back_period_s": 2,
+                        "metrics_interval_s": 0.5,
+                    },
+                },
+                "security": {
+                    "allowed_prefixes": [f"file://{slides}/", "s3://slides/", "http://127.0.0.1:9/wsi/"],
+                    "token": TOKEN,
+                },
+            },
+        }
+    )
+    url = start_app(cfg)
+    client = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        yield Service(url, root, slides, outside, root / "out", client)
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+# -- security ---------------------------------------------------------------------------------
+def test_health_and_docs_are_open_but_v1_needs_the_token(service):
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    assert "/v1/analyses" in httpx.get(f"{service.url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{service.url}/docs").status_code == 200
+    body = {"slide": str(service.slides / "slide_000.svs"), "model": "seg"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/analyses"), ("GET", "/v1/analyses/abc")):
+            r = httpx.request(method, f"{service.url}{path}", json=body, headers=headers)
+            assert r.status_code == 401, (headers, path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert not service.output.exists() or not any(service.output.iterdir())
+
+
+def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
+    models = service.client.get("/v1/models").json()["models"]
+    assert [m["id"] for m in models] == ["seg", "seg-vit"]
+    assert models[0]["task"] == "segmentation" and models[0]["engine"] == "debug_cnn"
+    for model in ("nope", "../seg", "not-a-model"):
+        r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": model})
+        assert r.status_code == 404
+        assert r.json()["detail"]["known"] == ["seg", "seg-vit"]
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _opened_by_someone(fifo: Path) -> bool:
+    """A FIFO opened for reading lets a non-blocking writer in; unopened, it refuses (ENXIO)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_slides_outside_the_allowed_prefixes_are_refused_and_never_opened(service):
+    secret = _fifo(service.outside / "secret.svs")
+    (service.slides / "escape.svs").symlink_to(secret)
+    (service.slides / "linkdir").symlink_to(service.outside, target_is_directory=True)
+    s = service.slides
+    cases = {
+        403: [
+            "file:///etc/passwd",
+            "/etc/passwd",
+            f"file://{secret}",
+            str(secret),
+            f"file://{s}/../outside/secret.svs",
+            f"file://{s}/%2e%2e/outside/secret.svs",
+            f"file://{s}/escape.svs",
+            f"file://{s}/linkdir/secret.svs",
+            f"file://127.0.0.1{s}/slide_000.svs",
+            "s3://other-bucket/a.svs",
+            "s3://slides-evil/a.svs",
+            "gs://slides/a.svs",
+            "http://127.0.0.1:8/wsi/a.svs",
+            "http://169.254.169.254/latest/meta-data/",
+            "ftp://127.0.0.1/wsi/a.svs",
+        ],
+        422: [
+            "",
+            "slide_000.svs",
+            f"file://{s}/slide_000.svs?x=1",
+            f"file://{s}/%252e%252e/outside/secret.svs",
+            f"file://{s}/a\\..\\..\\secret.svs",
+            f"file://{s}/a%00.svs",
+        ],
+    }
+    for status, uris in cases.items():
+        for uri in uris:
+            r = service.post({"slide": uri, "model": "seg"})
+            assert r.status_code == status, (uri, r.text)
+            assert r.json()["detail"], uri
+    time.sleep(1.0)
+    assert not _opened_by_someone(secret)
+    assert not service.output.exists() or not any(service.output.iterdir())
+
+
+def test_malformed_bodies_get_422_and_large_ones_413(service):
+    good = {"slide": str(service.slides / "slide_000.svs"), "model": "seg"}
+    for body in ({"slide": good["slide"]}, {**good, "extra": 1}, {**good, "outputs": ["x.png"]}, [1], "x"):
+        assert service.post(body).status_code == 422, body
+    r = service.client.post(
+        "/v1/analyses", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422
+    big = {**good, "outputs": ["summary.json"] * 1000}
+    r = service.post(big)
+    assert r.status_code == 413 and "4096" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        yield b'{"slide": "' + b"a" * 3000
+        yield b"a" * 3000 + b'", "model": "seg"}'
+
+    r = service.client.post("/v1/analyses", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- analyses ---------------------------------------------------------------------------------
+def test_an_analysis_over_http_runs_to_done_with_progress_and_files(service):
+    from PIL import Image
+
+    r = service.post({"slide": f"file://{service.slides}/slide_000.svs", "model": "seg"})
+    assert r.status_code == 202, r.text
+    analysis_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/analyses/{analysis_id}"
+    seen: list[int] = []
+    doc = service.wait(analysis_id, seen=seen)
+    assert doc["status"] == "done", doc
+    progress = doc["progress"]
+    assert progress["total_tiles"] > 8 and progress["done_tiles"] == progress["total_tiles"]
+    assert progress["chunks_total"] == -(-progress["total_tiles"] // 4) == progress["chunks_done"]
+    assert seen == sorted(seen)
+    assert {"plan_s", "predict_s", "write_s", "total_s"} <= set(doc["timings"])
+
+    files = {n: service.client.get(doc["links"][n]) for n in ("overlay.png", "mask.png")}
+    for name, resp in files.items():
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+        assert min(Image.open(io.BytesIO(resp.content)).size) > 10, name
+    geo = service.client.get(doc["links"]["annotations.geojson"]).json()
+    assert geo["type"] == "FeatureCollection" and geo["features"]
+    assert all(f["properties"]["classification"]["name"] for f in geo["features"])
+    summary = service.client.get(doc["links"]["summary.json"]).json()
+    assert summary["tiles"] == summary["tiles_done"] == progress["total_tiles"]
+    assert summary["model"] == "seg" and sum(summary["areas_mm2"].values()) > 0
+    # results live in the store, under <output>/<id>/
+    stored = json.loads((service.output / analysis_id / "status.json").read_text())
+    assert stored["status"] == "done"
+    assert (service.output / analysis_id / "summary.json").read_bytes() == files_bytes(service, doc)
+
+
+def files_bytes(service: Service, doc: dict) -> bytes:
+    return service.client.get(doc["links"]["summary.json"]).content
+
+
+def test_remote_client_downloads_the_outputs_with_a_second_model(service, tmp_path):
+    from pathray.serving.client import RemoteAnalysisError, analyze_remote
+
+    calls: list[tuple[int, int]] = []
+    summary = analyze_remote(
+        service.url,
+        f"{service.slides}/slide_000.svs",
+        "seg-vit",
+        tmp_path,
+        TOKEN,
+        lambda d, t: calls.append((d, t)),
+    )
+    assert summary["model"] == "seg-vit" and calls[-1][0] == calls[-1][1] == summary["tiles"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["overlay.png", "mask.png", "annotations.geojson", "summary.json"]
+    )
+    with pytest.raises(RemoteAnalysisError) as info:
+        analyze_remote(service.url, "/etc/passwd", "seg", tmp_path / "x", TOKEN)
+    assert info.value.status == 403
+    with pytest.raises(RemoteAnalysisError) as info:
+        analyze_remote(service.url, f"{service.slides}/slide_000.svs", "seg", tmp_path / "x", "wrong")
+    assert info.value.status == 401
+
+
+def test_unreadable_slides_fail_with_a_reason_and_the_service_goes_on(service):
+    broken = service.post({"slide": f"{service.slides}/broken.svs", "model": "seg"}).json()["id"]
+    missing = service.post({"slide": f"{service.slides}/missing.svs", "model": "seg"}).json()["id"]
+    good = service.post({"slide": f"{service.slides}/slide_000.svs", "model": "seg"}).json()["id"]
+    doc = service.wait(broken)
+    assert doc["status"] == "failed" and "not a TIFF" in doc["reason"], doc
+    doc = service.wait(missing)
+    assert doc["status"] == "failed" and "no slide at" in doc["reason"], doc
+    r = service.client.get(f"/v1/analyses/{missing}/summary.json")
+    assert r.status_code == 409
+    doc = service.wait(good)
+    assert doc["status"] == "done" and doc["progress"]["done_tiles"] == doc["progress"]["total_tiles"]
+    assert service.client.get("/v1/analyses/0123456789abcdef").status_code == 404
+    assert service.client.get(f"/v1/analyses/{good}/passwd").status_code == 404
+
+
+# -- scaling and faults ------------------------------------------------------------------------
+def _wait_for(predicate, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise AssertionError(f"{what} did not happen in {timeout} s")
+
+
+def test_concurrent_analyses_scale_the_model_deployment_to_two_and_back(service):
+    _wait_for(lambda: model_replicas() == 1, 60, "one model replica")
+    big = f"{service.slides}/big/slide_000.svs"
+    ids: list[str] = []
+
+    def scaled() -> bool:
+        running = [i for i in ids if service.client.get(f"/v1/analyses/{i}").json()["status"] != "done"]
+        if len(running) < 3:  # keep the load up until Serve reacts
+            ids.append(service.post({"slide": big, "model": "seg"}).json()["id"])
+        return model_replicas() == 2
+
+    _wait_for(scaled, 120, "scaling up to 2 model replicas")
+    for analysis_id in ids:
+        doc = service.wait(analysis_id)
+        assert doc["status"] == "done" and doc["progress"]["done_tiles"] == doc["progress"]["total_tiles"]
+    _wait_for(lambda: model_replicas() == 1, 90, "scaling back to 1 model replica when idle")
+
+
+def test_a_killed_model_replica_loses_no_tile(service):
+    """Every model replica is killed mid-analysis; Serve replaces them, chunks are retried (by Serve's
+    router or the ingress) and the stitcher counts each chunk once."""
+    import ray
+
+    big = f"{service.slides}/big/slide_000.svs"
+    analysis_id = service.post({"slide": big, "model": "seg"}).json()["id"]
+
+    def progress() -> dict:
+        return service.client.get(f"/v1/analyses/{analysis_id}").json()["progress"]
+
+    _wait_for(lambda: progress()["done_tiles"] > 0, 120, "the first chunk")
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ModelServer" in a["name"]]
+    for entry in victims:
+        actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+        ray.kill(actor, no_restart=True)
+    at_kill = progress()
+    assert victims and 0 < at_kill["done_tiles"] < at_kill["total_tiles"], at_kill
+    doc = service.wait(analysis_id)
+    assert doc["status"] == "done", doc
+    done = doc["progress"]
+    assert done["done_tiles"] == done["total_tiles"] and done["chunks_done"] == done["chunks_total"]
+    summary = service.client.get(doc["links"]["summary.json"]).json()
+    assert summary["tiles"] == summary["tiles_done"] == done["total_tiles"]
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ModelServer" in a["name"]}
+    assert alive and not alive & {v["name"] for v in victims}
