@@ -1,7 +1,8 @@
 """The Serve app over real HTTP on 127.0.0.1: security, end-to-end analyses, failures, autoscaling, faults.
 
-One Serve instance (on real local Ray) serves every test of this module; model packages are
-saved from debug engines and slides are synthetic.
+One Serve instance (on real local Ray) serves every test of this module. Its model store and
+results store are bucket prefixes on the SeaweedFS endpoint (127.0.0.1); model packages are saved
+there from debug engines; slides are synthetic, on disk and in the bucket.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 TOKEN = "test-token-1234"
 APP = "pathray"
@@ -28,8 +29,20 @@ class Service:
     root: Path
     slides: Path
     outside: Path
-    output: Path
+    output: str  # bucket/prefix of the results store
+    s3_slides: str  # s3:// prefix of the slides in the bucket
+    fs: object  # s3fs of the endpoint
     client: httpx.Client
+
+    def stored(self, analysis_id: str, name: str) -> bytes:
+        return self.fs.cat_file(f"{self.output}/{analysis_id}/{name}")  # type: ignore[attr-defined]
+
+    def stored_ids(self) -> list[str]:
+        self.fs.invalidate_cache()  # type: ignore[attr-defined]
+        try:
+            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.output)]  # type: ignore[attr-defined]
+        except FileNotFoundError:
+            return []
 
     def post(self, body: object, **kw: object) -> httpx.Response:
         return self.client.post("/v1/analyses", json=body, **kw)  # type: ignore[arg-type]
@@ -46,14 +59,14 @@ class Service:
         raise AssertionError(f"analysis {analysis_id} did not end in {timeout} s: {doc}")
 
 
-def save_debug_package(uri: Path, engine: str) -> None:
+def save_debug_package(folder: Path, engine: str) -> None:
     from pathray.config import load_config
     from pathray.models.package import save_model_package
     from pathray.models.task_model import build_model
 
     cfg = load_config(None, [f"engine.name={engine}"])
     model, _ = build_model(cfg)
-    save_model_package(str(uri), cfg, model.state_dict(), {"run": "test"})
+    save_model_package(str(folder), cfg, model.state_dict(), {"run": "test"})
 
 
 def model_replicas() -> int:
@@ -64,7 +77,7 @@ def model_replicas() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, tmp_path_factory) -> Service:
+def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
     from ray import serve
 
     from pathray.serving.app import load_app_config
@@ -77,15 +90,20 @@ def service(ray_local, tmp_path_factory) -> Service:
     write_synthetic_slides(slides / "big", 1, seed=1, config=SynthConfig(size=6144))
     outside.mkdir()
     (slides / "broken.svs").write_bytes(b"this is not a slide" * 10)
+    models, output = object_store.url_for("serve-models"), object_store.url_for("serve-out")
+    s3_slides = object_store.url_for("serve-slides")
+    object_store.upload_file(slides / "slide_000.svs", f"{s3_slides}/a.svs")
+    object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/model.pt")  # no config.yaml
     save_debug_package(root / "models" / "seg", "debug_cnn")
     save_debug_package(root / "models" / "seg-vit", "debug_vit")
-    (root / "models" / "not-a-model").mkdir()
+    object_store.upload_dir(root / "models", models)
     cfg = load_app_config(
         {
+            "storage": s3_storage.model_dump(),
             "inference": {"chunk_tiles": 4, "read_threads": 2, "batch_size": 16},
             "serve": {
-                "models": str(root / "models"),
-                "output": str(root / "out"),
+                "models": models,
+                "output": output,
                 "http": {"port": 0, "app_name": APP},
                 "ingress": {
                     "num_cpus": 0.25,
@@ -109,7 +127,7 @@ def service(ray_local, tmp_path_factory) -> Service:
                     },
                 },
                 "security": {
-                    "allowed_prefixes": [f"file://{slides}/", "s3://slides/", "http://127.0.0.1:9/wsi/"],
+                    "allowed_prefixes": [f"file://{slides}/", f"{s3_slides}/", "http://127.0.0.1:9/wsi/"],
                     "token": TOKEN,
                 },
             },
@@ -118,7 +136,8 @@ def service(ray_local, tmp_path_factory) -> Service:
     url = start_app(cfg)
     client = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"})
     try:
-        yield Service(url, root, slides, outside, root / "out", client)
+        fs = object_store._admin_fs()
+        yield Service(url, root, slides, outside, output.removeprefix("s3://"), s3_slides, fs, client)
     finally:
         client.close()
         serve.shutdown()
@@ -135,7 +154,7 @@ def test_health_and_docs_are_open_but_v1_needs_the_token(service):
             r = httpx.request(method, f"{service.url}{path}", json=body, headers=headers)
             assert r.status_code == 401, (headers, path, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
-    assert not service.output.exists() or not any(service.output.iterdir())
+    assert service.stored_ids() == []
 
 
 def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
@@ -180,7 +199,9 @@ def test_slides_outside_the_allowed_prefixes_are_refused_and_never_opened(servic
             f"file://{s}/linkdir/secret.svs",
             f"file://127.0.0.1{s}/slide_000.svs",
             "s3://other-bucket/a.svs",
-            "s3://slides-evil/a.svs",
+            f"{service.s3_slides}-evil/a.svs",
+            f"{service.s3_slides}/../serve-models/seg/model.pt",
+            service.s3_slides.replace("serve-slides", "serve-models/seg/model.pt"),
             "gs://slides/a.svs",
             "http://127.0.0.1:8/wsi/a.svs",
             "http://169.254.169.254/latest/meta-data/",
@@ -202,7 +223,7 @@ def test_slides_outside_the_allowed_prefixes_are_refused_and_never_opened(servic
             assert r.json()["detail"], uri
     time.sleep(1.0)
     assert not _opened_by_someone(secret)
-    assert not service.output.exists() or not any(service.output.iterdir())
+    assert service.stored_ids() == []
 
 
 def test_malformed_bodies_get_422_and_large_ones_413(service):
@@ -252,23 +273,18 @@ def test_an_analysis_over_http_runs_to_done_with_progress_and_files(service):
     summary = service.client.get(doc["links"]["summary.json"]).json()
     assert summary["tiles"] == summary["tiles_done"] == progress["total_tiles"]
     assert summary["model"] == "seg" and sum(summary["areas_mm2"].values()) > 0
-    # results live in the store, under <output>/<id>/
-    stored = json.loads((service.output / analysis_id / "status.json").read_text())
-    assert stored["status"] == "done"
-    assert (service.output / analysis_id / "summary.json").read_bytes() == files_bytes(service, doc)
+    # results live in the bucket, under <output>/<id>/
+    assert json.loads(service.stored(analysis_id, "status.json"))["status"] == "done"
+    assert json.loads(service.stored(analysis_id, "summary.json")) == summary
 
 
-def files_bytes(service: Service, doc: dict) -> bytes:
-    return service.client.get(doc["links"]["summary.json"]).content
-
-
-def test_remote_client_downloads_the_outputs_with_a_second_model(service, tmp_path):
+def test_remote_client_analyses_a_slide_in_the_bucket_with_a_second_model(service, tmp_path):
     from pathray.serving.client import RemoteAnalysisError, analyze_remote
 
     calls: list[tuple[int, int]] = []
     summary = analyze_remote(
         service.url,
-        f"{service.slides}/slide_000.svs",
+        f"{service.s3_slides}/a.svs",
         "seg-vit",
         tmp_path,
         TOKEN,

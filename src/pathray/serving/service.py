@@ -194,10 +194,18 @@ class AnalysisService:
         raise AssertionError("unreachable")
 
     def _write(self, analysis: Analysis, result: Any, slide: Any) -> dict[str, str]:
+        """Outputs are made in a local temp folder, then put into the store one whole object each."""
+        import tempfile
+        from pathlib import Path
+
         from pathray.inference.outputs import write_outputs
 
-        files = write_outputs(result, self.results.dest(analysis.id), slide, self.config.storage)
-        return {name: uri for name, uri in files.items() if name in analysis.outputs}
+        with tempfile.TemporaryDirectory(prefix="pathray-out-") as tmp:
+            write_outputs(result, tmp, slide)
+            return {
+                name: self.results.write_bytes(analysis.id, name, (Path(tmp) / name).read_bytes())
+                for name in analysis.outputs
+            }
 
 
 def _reason(exc: BaseException) -> str:

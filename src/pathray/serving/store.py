@@ -32,6 +32,7 @@ class ModelStore:
         """Model ids: the sub-folders holding a package's config file, sorted."""
         fs = self._fs()
         root = self._location.path.rstrip("/")
+        fs.invalidate_cache(root)  # bucket listings are cached by s3fs; new packages must show
         try:
             entries = fs.ls(root, detail=True)
         except FileNotFoundError:
@@ -84,13 +85,18 @@ class ResultStore:
             raise ValueError(f"not a safe name: {analysis_id!r}/{name!r}")
         return f"{self._location.path.rstrip('/')}/{analysis_id}/{name}"
 
-    def write_json(self, analysis_id: str, name: str, doc: dict[str, Any]) -> None:
-        """Write ``doc`` as JSON, replacing any earlier version."""
+    def write_bytes(self, analysis_id: str, name: str, data: bytes) -> str:
+        """Write one whole object (one PUT on object storage), replacing any earlier version."""
         fs = self._fs()
         path = self._path(analysis_id, name)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as fh:
-            fh.write(json.dumps(doc, indent=2, default=str))
+        if self._location.is_local:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+        return join(self.dest(analysis_id), name)
+
+    def write_json(self, analysis_id: str, name: str, doc: dict[str, Any]) -> None:
+        """Write ``doc`` as JSON, replacing any earlier version."""
+        self.write_bytes(analysis_id, name, json.dumps(doc, indent=2, default=str).encode())
 
     def read_bytes(self, analysis_id: str, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
