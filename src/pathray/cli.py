@@ -226,6 +226,102 @@ def demo(
     run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps))
 
 
+class _Progress:
+    """``progress(done, total)`` as a tqdm bar when tqdm is installed, else one rewritten stderr line."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            sys.stderr.write(f"\r{self.label}: {done}/{total} tiles")
+            sys.stderr.flush()
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.label, unit="tile", file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\n")
+
+
+@app.command("analyze")
+@friendly
+def analyze_cmd(
+    slide: Annotated[str | None, typer.Argument(help="slide path or URI (not with --manifest)")] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="model package URI (or a model id with --endpoint)")
+    ] = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder or bucket prefix")] = "analysis",
+    endpoint: Annotated[str | None, typer.Option(help="a pathray service URL; none: run in-process")] = None,
+    token: Annotated[str | None, typer.Option(help="bearer token of the service")] = None,
+    manifest: Annotated[
+        str | None, typer.Option(help="Parquet/CSV of slides (uri, slide_id): analyse all on Ray Data")
+    ] = None,
+    actors: Annotated[int, typer.Option(help="--manifest: predictor actors")] = 1,
+    out_mpp: Annotated[float, typer.Option(help="µm/px of the class map")] = 4.0,
+    batch_size: Annotated[int, typer.Option(help="tiles per forward pass")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Analyse a slide (class map, areas, Gleason score, GeoJSON, overlay) or a manifest of slides."""
+    if not model:
+        fail("--model is required (a model package URI, or a model id with --endpoint)")
+    if (slide is None) == (manifest is None):
+        fail("give either SLIDE or --manifest")
+    cfg = _config(config, overrides)
+    if manifest is not None:
+        from pathray.cluster.ray_local import ensure_ray
+        from pathray.inference.config import InferenceConfig
+        from pathray.serving.batch import analyze_manifest
+
+        ensure_ray()
+        inference = InferenceConfig(out_mpp=out_mpp, batch_size=batch_size, device=device)
+        table = analyze_manifest(manifest, model, out, cfg.storage, inference, cfg.tissue, actors=actors)
+        for row in table.itertuples():
+            typer.echo(f"{row.status:6s} {row.slide_id}  {row.reason}")
+        failed = int((table["status"] != "ok").sum())
+        typer.echo(f"summary: {out.rstrip('/')}/summary.parquet ({len(table) - failed} ok, {failed} failed)")
+        return
+    assert slide is not None
+    progress = _Progress(Path(slide.split("?")[0]).name)
+    if endpoint:
+        from pathray.serving.client import RemoteAnalysisError, analyze_remote
+
+        try:
+            summary = analyze_remote(endpoint, slide, model, out, token, progress)
+        except RemoteAnalysisError as exc:
+            fail(str(exc))
+        finally:
+            progress.close()
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    from pathray.inference.analyze import analyze_slide
+    from pathray.inference.config import InferenceConfig
+    from pathray.inference.outputs import write_outputs
+    from pathray.inference.predictor import Predictor
+    from pathray.wsi.open import open_slide
+
+    predictor = Predictor.from_package(
+        model, cfg.storage, InferenceConfig(out_mpp=out_mpp, batch_size=batch_size, device=device)
+    )
+    try:
+        result = analyze_slide(slide, predictor, cfg.storage, cfg.tissue, progress)
+    finally:
+        progress.close()
+    files = write_outputs(result, out, open_slide(slide, cfg.storage), cfg.storage)
+    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+    for name, uri in files.items():
+        typer.echo(f"{name + ':':20s} {uri}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
