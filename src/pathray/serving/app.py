@@ -7,12 +7,14 @@ pathray serve configs/serve.yaml --set serve.http.port=8100
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve import Application
 
 from pathray.serving.config import ServeAppConfig
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 
 class BuildArgs(BaseModel):
@@ -37,6 +39,8 @@ def load_app_config(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppCon
         parsed = BuildArgs.model_validate(args or {})
     except ValidationError as exc:
         raise ConfigError(f"serve app args: {exc.errors()[0]['msg']}") from None
+    if parsed.config and not Path(parsed.config).is_file():
+        raise ConfigError(f"no serve config file at {parsed.config}")
     base = load_config(Path(parsed.config) if parsed.config else None, [], model=ServeAppConfig)
     tree = deep_merge(base.model_dump(mode="json", exclude_none=True), parsed.model_extra or {})
     if base.serve.security.token is not None:  # a SecretStr dumps masked: keep the real one
