@@ -112,6 +112,7 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
                     "chunk_retries": 6,
                     "retry_backoff_s": 0.5,
                     "status_interval_s": 0.5,
+                    "stale_after_s": 4,
                 },
                 "model": {
                     "num_cpus": 1,
@@ -372,3 +373,31 @@ def test_a_killed_model_replica_loses_no_tile(service):
     assert summary["tiles"] == summary["tiles_done"] == done["total_tiles"]
     alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ModelServer" in a["name"]}
     assert alive and not alive & {v["name"] for v in victims}
+
+
+def test_an_analysis_whose_ingress_died_ends_failed_and_the_service_comes_back(service):
+    """The ingress keeps running analyses in memory; if it dies, their stored status stops beating,
+    is reported as failed (clients stop waiting), and Serve's new ingress takes new analyses."""
+    import ray
+
+    big = f"{service.slides}/big/slide_000.svs"
+    analysis_id = service.post({"slide": big, "model": "seg"}).json()["id"]
+    _wait_for(
+        lambda: service.client.get(f"/v1/analyses/{analysis_id}").json()["status"] == "running", 60, "running"
+    )
+    (ingress,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]]
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
+
+    def reported() -> dict | None:
+        try:
+            r = service.client.get(f"/v1/analyses/{analysis_id}", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    _wait_for(lambda: (reported() or {}).get("status") == "failed", 120, "the orphan reported as failed")
+    assert "interrupted" in reported()["reason"]
+    doc = service.wait(
+        service.post({"slide": f"{service.slides}/slide_000.svs", "model": "seg"}).json()["id"]
+    )
+    assert doc["status"] == "done"

@@ -86,6 +86,9 @@ class IngressSection(Section):
     retry_backoff_s: float = Field(0.5, ge=0)
     max_body_bytes: int = Field(16384, ge=256, description="larger request bodies get 413")
     status_interval_s: float = Field(2.0, gt=0, description="how often a running status.json is rewritten")
+    stale_after_s: float = Field(
+        60.0, gt=0, description="a stored running status this old belongs to a stopped ingress: failed"
+    )
 
 
 class SecuritySection(Section):

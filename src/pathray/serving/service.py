@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,10 @@ class Analysis:
     chunks_total: int | None = None
     retries: int = 0
     created: float = field(default_factory=time.time)
+    heartbeat: float = field(default_factory=time.time)
+    saves: int = 0  # status.json versions made; a late write of an older one is skipped
+    written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -62,6 +67,7 @@ class Analysis:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "links": links,
             "files": self.files,
+            "heartbeat": self.heartbeat,
         }
 
 
@@ -112,18 +118,53 @@ class AnalysisService:
             del self.analyses[old.id]
 
     async def status(self, analysis_id: str) -> dict[str, Any] | None:
-        """In-memory status, else the status.json a previous ingress replica left in the store."""
+        """In-memory status, else the status.json an ingress replica left in the store.
+
+        A stored queued/running status whose heartbeat stopped belongs to an ingress replica
+        that died with the analysis in memory: it is reported as failed, so clients stop waiting.
+        """
         if analysis_id in self.analyses:
             return self.analyses[analysis_id].doc()
-        return await asyncio.to_thread(self.results.read_json, analysis_id, STATUS_FILE)
+        doc = await asyncio.to_thread(self.results.read_json, analysis_id, STATUS_FILE)
+        if doc and doc.get("status") in ("queued", "running"):
+            silent = time.time() - float(doc.get("heartbeat") or 0)
+            if silent > self.section.stale_after_s:
+                doc["status"] = "failed"
+                doc["reason"] = (
+                    f"interrupted: the ingress running it stopped ({silent:.0f} s without progress)"
+                )
+        return doc
 
     async def _save(self, analysis: Analysis) -> None:
-        try:
-            await asyncio.to_thread(self.results.write_json, analysis.id, STATUS_FILE, analysis.doc())
-        except Exception as exc:  # noqa: BLE001 - a status write must not end the analysis
-            log.warning("cannot write status of %s: %s", analysis.id, exc)
+        analysis.heartbeat = time.time()
+        analysis.saves += 1
+        await asyncio.to_thread(self._write_status, analysis, analysis.saves, analysis.doc())
+
+    def _write_status(self, analysis: Analysis, version: int, doc: dict[str, Any]) -> None:
+        with analysis.lock:  # versions land in order: the final status is never overwritten
+            if version <= analysis.written:
+                return
+            try:
+                self.results.write_json(analysis.id, STATUS_FILE, doc)
+                analysis.written = version
+            except Exception as exc:  # noqa: BLE001 - a status write must not end the analysis
+                log.warning("cannot write status of %s: %s", analysis.id, exc)
+
+    async def _beat(self, analysis: Analysis) -> None:
+        """Rewrite status.json every ``status_interval_s`` while the analysis lives (progress, heartbeat)."""
+        while True:
+            await asyncio.sleep(self.section.status_interval_s)
+            await self._save(analysis)
 
     async def _run(self, analysis: Analysis) -> None:
+        beat = asyncio.get_running_loop().create_task(self._beat(analysis))
+        try:
+            await self._run_in_slot(analysis)
+        finally:
+            beat.cancel()
+        await self._save(analysis)
+
+    async def _run_in_slot(self, analysis: Analysis) -> None:
         await self._save(analysis)
         async with self._slots:
             analysis.state = "running"
@@ -136,7 +177,6 @@ class AnalysisService:
                 analysis.state, analysis.reason = "failed", _reason(exc)
                 log.warning("analysis %s failed: %s", analysis.id, analysis.reason)
             analysis.timings["total_s"] = time.time() - started
-            await self._save(analysis)
 
     async def _analyse(self, analysis: Analysis) -> None:
         from pathray.inference.grid import plan_grid
@@ -155,16 +195,12 @@ class AnalysisService:
         t1 = time.time()
         stitcher = Stitcher(plan, spec)
         gate = asyncio.Semaphore(self.section.inflight_chunks)
-        last_save = [time.time()]
 
         async def one(chunk: Any) -> None:
             async with gate:
                 result = await self._chunk_with_retries(analysis, plan, chunk)
             if stitcher.add(result):
                 analysis.done_tiles, analysis.chunks_done = stitcher.done_tiles, analysis.chunks_done + 1
-            if time.time() - last_save[0] > self.section.status_interval_s:
-                last_save[0] = time.time()
-                await self._save(analysis)
 
         jobs = [asyncio.ensure_future(one(c)) for c in chunks]
         try:
