@@ -8,67 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
+from pathray.serving.analysis import STATUS_FILE, Analysis, failure_reason
 from pathray.serving.config import ServeAppConfig
 from pathray.serving.store import ResultStore
 
 log = logging.getLogger(__name__)
-STATUS_FILE = "status.json"
-STATES = ("queued", "running", "done", "failed")
-
-
-@dataclass
-class Analysis:
-    """One analysis's state; ``doc()`` is what ``GET /v1/analyses/{id}`` returns."""
-
-    id: str
-    slide: str
-    model: str
-    outputs: list[str]
-    uri: str = ""  # the checked URI that is opened (for local files: the resolved path)
-    state: str = "queued"
-    reason: str | None = None
-    done_tiles: int = 0
-    total_tiles: int | None = None
-    chunks_done: int = 0
-    chunks_total: int | None = None
-    retries: int = 0
-    created: float = field(default_factory=time.time)
-    heartbeat: float = field(default_factory=time.time)
-    saves: int = 0  # status.json versions made; a late write of an older one is skipped
-    written: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    timings: dict[str, float] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-    def doc(self, base: str = "/v1/analyses") -> dict[str, Any]:
-        links = {"self": f"{base}/{self.id}"}
-        if self.state == "done":
-            links.update({name: f"{base}/{self.id}/{name}" for name in self.outputs})
-        return {
-            "id": self.id,
-            "status": self.state,
-            "reason": self.reason,
-            "slide": self.slide,
-            "model": self.model,
-            "progress": {
-                "done_tiles": self.done_tiles,
-                "total_tiles": self.total_tiles,
-                "chunks_done": self.chunks_done,
-                "chunks_total": self.chunks_total,
-                "retries": self.retries,
-            },
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            "links": links,
-            "files": self.files,
-            "heartbeat": self.heartbeat,
-        }
 
 
 class AnalysisService:
@@ -174,7 +124,7 @@ class AnalysisService:
                 await self._analyse(analysis)
                 analysis.state = "done"
             except Exception as exc:  # noqa: BLE001 - every failure ends as a reason, not a crash
-                analysis.state, analysis.reason = "failed", _reason(exc)
+                analysis.state, analysis.reason = "failed", failure_reason(exc)
                 log.warning("analysis %s failed: %s", analysis.id, analysis.reason)
             analysis.timings["total_s"] = time.time() - started
 
@@ -225,7 +175,7 @@ class AnalysisService:
                 if attempt == self.section.chunk_retries or not again:
                     raise
                 analysis.retries += 1
-                log.warning("chunk %d of %s: %s; retrying", chunk.index, analysis.id, _reason(exc))
+                log.warning("chunk %d of %s: %s; retrying", chunk.index, analysis.id, failure_reason(exc))
                 await asyncio.sleep(self.section.retry_backoff_s * (attempt + 1))
         raise AssertionError("unreachable")
 
@@ -242,12 +192,3 @@ class AnalysisService:
                 name: self.results.write_bytes(analysis.id, name, (Path(tmp) / name).read_bytes())
                 for name in analysis.outputs
             }
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason for people: the root cause of a Ray task error, not its traceback."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and cause is not exc:
-        return _reason(cause)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

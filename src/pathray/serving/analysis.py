@@ -1,0 +1,68 @@
+"""One analysis's record: its state, progress and timings, and the status document clients read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUS_FILE = "status.json"
+STATES = ("queued", "running", "done", "failed")
+
+
+@dataclass
+class Analysis:
+    """One analysis's state; ``doc()`` is what ``GET /v1/analyses/{id}`` returns."""
+
+    id: str
+    slide: str
+    model: str
+    outputs: list[str]
+    uri: str = ""  # the checked URI that is opened (for local files: the resolved path)
+    state: str = "queued"
+    reason: str | None = None
+    done_tiles: int = 0
+    total_tiles: int | None = None
+    chunks_done: int = 0
+    chunks_total: int | None = None
+    retries: int = 0
+    created: float = field(default_factory=time.time)
+    heartbeat: float = field(default_factory=time.time)
+    saves: int = 0  # status.json versions made; a late write of an older one is skipped
+    written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def doc(self, base: str = "/v1/analyses") -> dict[str, Any]:
+        links = {"self": f"{base}/{self.id}"}
+        if self.state == "done":
+            links.update({name: f"{base}/{self.id}/{name}" for name in self.outputs})
+        return {
+            "id": self.id,
+            "status": self.state,
+            "reason": self.reason,
+            "slide": self.slide,
+            "model": self.model,
+            "progress": {
+                "done_tiles": self.done_tiles,
+                "total_tiles": self.total_tiles,
+                "chunks_done": self.chunks_done,
+                "chunks_total": self.chunks_total,
+                "retries": self.retries,
+            },
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "links": links,
+            "files": self.files,
+            "heartbeat": self.heartbeat,
+        }
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A one-line reason for people: the root cause of a Ray task error, not its traceback."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return failure_reason(cause)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
