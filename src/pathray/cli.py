@@ -200,9 +200,9 @@ def serve_cmd(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
+        from pathray.serving.run import stop_app
 
-        serve.shutdown()
+        stop_app(cfg)
         typer.echo("stopped")
 
 

@@ -31,3 +31,15 @@ def start_app(cfg: ServeAppConfig) -> str:
     serve.start(http_options={"host": http.host, "port": port})
     serve.run(build_app(cfg), name=http.app_name, route_prefix=http.route_prefix)
     return f"http://{http.host}:{port}{http.route_prefix.rstrip('/')}"
+
+
+def stop_app(cfg: ServeAppConfig) -> None:
+    """Take the app down: all of Serve on a local Ray, only this app on a shared cluster."""
+    import os
+
+    from ray import serve
+
+    if os.environ.get("RAY_ADDRESS"):
+        serve.delete(cfg.serve.http.app_name)
+    else:
+        serve.shutdown()
