@@ -178,3 +178,19 @@ def test_app_args_overrides_and_token(monkeypatch):
         load_app_config({"serve": {"model": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}})
     with pytest.raises(ConfigError, match="serve.nope"):
         load_app_config({"serve": {"nope": 1}})
+
+
+def test_a_project_config_with_a_serve_section_can_be_served(tmp_path):
+    from pathray.config import ConfigError
+    from pathray.serving.app import load_app_config
+
+    project = tmp_path / "project.yaml"
+    project.write_text(
+        "engine: {name: debug_cnn}\ntask: {name: segmentation}\n"
+        "serve: {models: s3://b/models, http: {port: 8100}}\ninference: {chunk_tiles: 16}\n"
+    )
+    cfg = load_app_config({"config": str(project)})
+    assert cfg.serve.models == "s3://b/models" and cfg.inference.chunk_tiles == 16
+    project.write_text("engin: {name: debug_cnn}\n")
+    with pytest.raises(ConfigError, match=r"unknown sections \['engin'\]"):
+        load_app_config({"config": str(project)})
