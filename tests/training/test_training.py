@@ -11,46 +11,11 @@ from pathray.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-
-@pytest.fixture(scope="module")
-def manifest_path(tmp_path_factory) -> Path:
-    from pathray.datasets.manifest import synthetic_manifest, write_manifest
-    from pathray.wsi.synth import SynthConfig, write_synthetic_slides
-
-    out = tmp_path_factory.mktemp("train-slides")
-    slides = write_synthetic_slides(out, n=6, seed=0, config=SynthConfig(size=3072))
-    frame = synthetic_manifest(slides)
-    frame["split"] = ["train", "train", "train", "train", "test", "test"]
-    return write_manifest(frame, out / "manifest.parquet")
-
-
-def project(
-    manifest_path: Path, tmp_path: Path, name: str, *overrides: str, config: str = "gleason-cnn.yaml"
-):
-    base = [
-        f"data.manifest={manifest_path}",
-        "engine.name=debug_cnn",
-        "engine.model=null",
-        "scale.workers=2",
-        "scale.cpus_per_worker=0.5",
-        f"run.storage_path={tmp_path / 'runs'}",
-        f"run.name={name}",
-        "data.stream.sampler.tiles_per_slide=32",
-        "data.stream.readers=1",
-        "train.eval_tiles_per_slide=16",
-        "train.batch_size=8",
-    ]
-    return load_config(CONFIGS / config, [*base, *overrides])
-
-
-def test_two_ddp_workers_hold_identical_weights(ray_local, manifest_path, tmp_path):
+def test_two_ddp_workers_hold_identical_weights(ray_local, project, tmp_path):
     from pathray.training.trainer import run_training
 
     cfg = project(
-        manifest_path,
-        tmp_path,
         "ddp",
         "train.steps=4",
         "run.checkpoint_every=2",
@@ -64,13 +29,11 @@ def test_two_ddp_workers_hold_identical_weights(ray_local, manifest_path, tmp_pa
     assert by_step[2] != by_step[4]  # and they did train in between
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, manifest_path, tmp_path):
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, project, tmp_path):
     from pathray.training.trainer import run_training
 
     name = f"fault-{tmp_path.name}"
     cfg = project(
-        manifest_path,
-        tmp_path,
         name,
         "train.steps=12",
         "run.checkpoint_every=5",
@@ -90,12 +53,10 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, manifest_path, t
     assert result.metrics["step"] == 12
 
 
-def test_a_tiny_segmentation_run_learns(ray_local, manifest_path, tmp_path):
+def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
     from pathray.training.trainer import run_training
 
-    cfg = project(
-        manifest_path, tmp_path, "learns", "train.steps=60", "run.checkpoint_every=30", "run.log_every=10"
-    )
+    cfg = project("learns", "train.steps=60", "run.checkpoint_every=30", "run.log_every=10")
     result = run_training(cfg)
     m = result.metrics
     assert m["test/tiles"] >= 16
@@ -135,14 +96,12 @@ def ray_checkpoint(path: str):
         ("nuclei-detection.yaml", "debug_cnn"),
     ],
 )
-def test_every_project_config_trains_a_few_steps(ray_local, manifest_path, tmp_path, config, engine):
+def test_every_project_config_trains_a_few_steps(ray_local, project, tmp_path, config, engine):
     from pathray.training.trainer import run_training
 
     extra = ["data.stream.augment.global_size=64", "data.stream.augment.local_size=32"]
     extra += ["data.stream.sampler.size=64", "task.out_dim=256"] if "dino" in config else []
     cfg = project(
-        manifest_path,
-        tmp_path,
         config.removesuffix(".yaml"),
         f"engine.name={engine}",
         "train.steps=3",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +34,9 @@ class ScaleConfig(_Section):
         None, description="extra custom resources per worker"
     )
     placement_strategy: str = Field("PACK", description="PACK, SPREAD or STRICT_SPREAD (one worker per node)")
-    strategy: str = Field("ddp", description="ddp, or fsdp for models larger than one GPU's memory")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp, or fsdp (FSDP2: ViT blocks / CNN stages sharded) for too large models"
+    )
     precision: str = Field("bf16", description="autocast dtype on GPU: bf16 or fp32")
 
 

@@ -23,6 +23,17 @@ from torch import nn
 
 from pathray.config import PathrayConfig
 from pathray.models.task_model import TaskModel, build_model
+from pathray.training.parallel import (
+    full_parameters,
+    is_sharded,
+    load_model_state,
+    load_optimizer_state,
+    local_share,
+    model_state,
+    optimizer_state,
+    wrap_model,
+)
+from pathray.training.rundir import join_uri, write_text
 
 
 class SupervisedLearner:
@@ -32,10 +43,8 @@ class SupervisedLearner:
         self.model, self.task = build_model(cfg)
         self.trainable: nn.Module = self.model
 
-    def prepare(self, parallel: str) -> None:
-        import ray.train.torch
-
-        self.trainable = ray.train.torch.prepare_model(self.model, parallel_strategy=parallel)
+    def prepare(self, strategy: str) -> None:
+        self.trainable = wrap_model(self.model, strategy)
 
     def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
         outputs = self.trainable(batch["image"])
@@ -45,10 +54,10 @@ class SupervisedLearner:
         pass
 
     def state(self) -> dict[str, Any]:
-        return {"model": _unwrap(self.trainable).state_dict()}
+        return {"model": model_state(self.trainable)}
 
     def load(self, saved: dict[str, Any]) -> None:
-        _unwrap(self.trainable).load_state_dict(saved["model"])
+        load_model_state(self.trainable, saved["model"])
 
 
 class DinoLearner:
@@ -65,13 +74,13 @@ class DinoLearner:
         self.teacher = make_teacher(self.model)
         self.trainable: nn.Module = self.model
 
-    def prepare(self, parallel: str) -> None:
+    def prepare(self, strategy: str) -> None:
         import ray.train.torch
 
+        if strategy != "ddp":
+            raise ValueError("DINO pretraining runs with scale.strategy=ddp (fsdp: supervised tasks)")
         # DINO uses the pooled embedding only: the dense decoder gets no gradient.
-        self.trainable = ray.train.torch.prepare_model(
-            self.model, parallel_strategy=parallel, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
+        self.trainable = wrap_model(self.model, strategy, {"find_unused_parameters": True})
         self.teacher.to(ray.train.torch.get_device())
 
     def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
@@ -132,12 +141,12 @@ def build_optimizer(model: TaskModel, cfg: PathrayConfig) -> tuple[torch.optim.O
 
 
 def weights_digest(model: nn.Module) -> str:
-    """A digest of the parameters. BatchNorm running statistics are left out: each rank updates
-    its own in the forward pass and DDP re-broadcasts rank 0's at the next one."""
+    """A digest of the full parameters (sharded ones gathered: every rank calls it). BatchNorm
+    running statistics are left out: each rank updates its own in the forward pass."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.named_parameters()):
+    for name, tensor in sorted(full_parameters(model), key=lambda item: item[0]):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -145,8 +154,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def save_checkpoint(directory: Path, learner: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    payload = {**learner.state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+def checkpoint_payload(learner: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Model(s), optimizer and scheduler state, full and plain (under FSDP a collective)."""
+    return {
+        **learner.state(),
+        "optimizer": optimizer_state(learner.trainable, optimizer),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def save_checkpoint(directory: Path, payload: dict[str, Any], state: dict) -> None:
     torch.save({**payload, **state}, directory / "checkpoint.pt")
     (directory / "state.json").write_text(json.dumps({"step": state["step"], "epoch": state["epoch"]}))
     (directory / "history.json").write_text(json.dumps(state.get("history", []), default=float))
@@ -165,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     learner = make_learner(cfg)
     if cfg.engine.freeze_backbone:
         learner.model.engine.freeze_backbone(True)
-    learner.prepare("fsdp" if cfg.scale.strategy == "fsdp" else "ddp")
+    learner.prepare(cfg.scale.strategy)
     device = ray.train.torch.get_device()
     optimizer, scheduler = build_optimizer(_unwrap(learner.trainable), cfg)
     state = {"step": 0, "epoch": 0}
@@ -174,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
         learner.load(saved)
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(learner.trainable, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {"step": int(saved["step"]), "epoch": int(saved["epoch"])}
     bf16 = device.type == "cuda" and cfg.scale.precision == "bf16"
@@ -271,6 +288,7 @@ def _after_optimizer_step(
         "lr": scheduler.get_last_lr()[0],
         "data_wait_share": t_data / max(1e-9, t_data + t_step),
         "steps_per_s": step / max(1e-9, t_data + t_step),
+        "params_local_share": local_share(learner.trainable),
         **{f"train/{k}": float(v) for k, v in window.compute().items()},
     }
     history.append(metrics)
@@ -305,12 +323,13 @@ def _report_with_checkpoint(
         if cfg.train.weights_digest:
             digest = weights_digest(_unwrap(learner.trainable))
             metrics = {**metrics, "weights_digest": digest}
-            digest_dir = Path(cfg.run.storage_path) / str(cfg.run.name) / "digests"
-            digest_dir.mkdir(parents=True, exist_ok=True)
-            (digest_dir / f"step{state['step']}_rank{rank}.txt").write_text(digest)
+            run_dir = join_uri(cfg.run.storage_path, str(cfg.run.name))
+            write_text(join_uri(run_dir, f"digests/step{state['step']}_rank{rank}.txt"), digest, cfg.storage)
+        sharded = is_sharded(learner.trainable)
+        # FSDP gathers the full state on rank 0 from every rank; DDP ranks all hold it already
+        payload = checkpoint_payload(learner, optimizer, scheduler) if rank == 0 or sharded else {}
         if rank == 0:
-            save_checkpoint(
-                Path(tmp), learner, optimizer, scheduler, {**state, "config": cfg.model_dump(mode="json")}
-            )
+            extra = {"config": cfg.model_dump(mode="json"), "strategy": cfg.scale.strategy}
+            save_checkpoint(Path(tmp), payload, {**state, **extra})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

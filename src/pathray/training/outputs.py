@@ -2,37 +2,44 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pathray.config import PathrayConfig, dump_config
+from pathray.training.rundir import join_uri, write_bytes, write_text
+from pathray.wsi.storage import StorageConfig
 
 
 def write_run_outputs(
-    run_dir: Path, config: PathrayConfig, history: list[dict[str, Any]], metrics: dict[str, Any]
+    run_dir: str | Path,
+    config: PathrayConfig,
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    storage: StorageConfig | None = None,
 ) -> dict[str, str]:
-    """Write the run's files; returns their paths by name."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "config": run_dir / "config.yaml",
-        "history": run_dir / "history.jsonl",
-        "metrics": run_dir / "metrics.json",
-        "curves": run_dir / "curves.png",
+    """Write the run's files into ``run_dir`` (a folder or an object-storage prefix); their URIs by name."""
+    run_dir = str(run_dir)
+    rows = "".join(json.dumps(row, default=float) + "\n" for row in history)
+    curves = io.BytesIO()
+    plot_curves(history, metrics, curves, title=f"{config.engine.name} / {config.task.name}")
+    return {
+        "config": write_text(join_uri(run_dir, "config.yaml"), dump_config(config), storage),
+        "history": write_text(join_uri(run_dir, "history.jsonl"), rows, storage),
+        "metrics": write_text(
+            join_uri(run_dir, "metrics.json"), json.dumps(metrics, indent=2, default=float), storage
+        ),
+        "curves": write_bytes(join_uri(run_dir, "curves.png"), curves.getvalue(), storage),
     }
-    paths["config"].write_text(dump_config(config))
-    with paths["history"].open("w") as fh:
-        for row in history:
-            fh.write(json.dumps(row, default=float) + "\n")
-    paths["metrics"].write_text(json.dumps(metrics, indent=2, default=float))
-    plot_curves(history, metrics, paths["curves"], title=f"{config.engine.name} / {config.task.name}")
-    return {k: str(v) for k, v in paths.items()}
 
 
 KEY_METRICS = ("macro_f1", "f1", "dice", "pq", "rankme", "odcorr")
 
 
-def plot_curves(history: list[dict[str, Any]], metrics: dict[str, Any], path: Path, title: str = "") -> None:
+def plot_curves(
+    history: list[dict[str, Any]], metrics: dict[str, Any], path: Path | BinaryIO, title: str = ""
+) -> None:
     """Loss and key metrics against iteration; test scores (and a constant predictor's) at the end."""
     import matplotlib
 
@@ -67,5 +74,5 @@ def plot_curves(history: list[dict[str, Any]], metrics: dict[str, Any], path: Pa
         axes[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

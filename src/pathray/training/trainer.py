@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pathray.config import PathrayConfig
+from pathray.training.rundir import absolute, arrow_storage, checkpoint_uri, join_uri
+from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
 
 
 @dataclass
@@ -31,11 +33,10 @@ def run_name(cfg: PathrayConfig) -> str:
     return cfg.run.name or f"{cfg.engine.name}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def latest_state(run_dir: str) -> dict[str, Any]:
+def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     """``state.json`` of the newest checkpoint in a run directory (local or object storage)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run_dir)
+    location = parse_uri(run_dir)
+    fs, path = filesystem(location, storage), location.path
     try:
         found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*/state.json"))
     except FileNotFoundError:
@@ -69,20 +70,21 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
             raise ValueError("data.manifest is not set")
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
         validate_manifest(manifest, cfg.data.manifest, cfg.storage, check_uris=cfg.data.check_uris)
+    if cfg.task.name == "ssl" and cfg.scale.strategy == "fsdp":
+        raise ValueError("DINO pretraining runs with scale.strategy=ddp; fsdp is for the supervised tasks")
     name = run_name(cfg)
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
-    storage_path = cfg.run.storage_path
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().absolute())
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path})})
-    run_dir = f"{storage_path.rstrip('/')}/{name}"
+    storage_path = absolute(cfg.run.storage_path)
+    run = cfg.run.model_copy(update={"name": name, "storage_path": storage_path})
+    cfg = cfg.model_copy(update={"run": run})
+    run_dir = join_uri(storage_path, name)
+    ray_storage_path, ray_filesystem = arrow_storage(storage_path, cfg.storage)
     train_slides = manifest if cfg.data.split is None else manifest[manifest["split"] == cfg.data.split]
     epochs = epochs_needed(cfg, len(train_slides))
 
     def train_dataset() -> Any:
         # Called at every (re)start of the worker group: a restarted run continues with the
         # coordinates of the epoch its checkpoint was in, not from epoch 0.
-        start = int(latest_state(run_dir).get("epoch", 0))
+        start = int(latest_state(run_dir, cfg.storage).get("epoch", 0))
         return build_tile_dataset(
             manifest,
             cfg.data.stream,
@@ -105,7 +107,8 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
+            storage_filesystem=ray_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
@@ -132,14 +135,14 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
     if evaluation:
         metrics.update(evaluation)
         history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
+    from pathray.training.outputs import write_run_outputs
+
     paths = {}
     if checkpoint is not None and cfg.task.name != "ssl":
-        paths["model"] = export_model(cfg, checkpoint, f"{run_dir}/model", metrics)
-    if "://" not in run_dir:
-        from pathray.training.outputs import write_run_outputs
-
-        paths.update(write_run_outputs(Path(run_dir), cfg, history, metrics))
-    return TrainResult(run_dir, checkpoint.path if checkpoint else None, metrics, paths)
+        paths["model"] = export_model(cfg, checkpoint, join_uri(run_dir, "model"), metrics)
+    paths.update(write_run_outputs(run_dir, cfg, history, metrics, cfg.storage))
+    saved = checkpoint_uri(checkpoint, storage_path) if checkpoint is not None else None
+    return TrainResult(run_dir, saved, metrics, paths)
 
 
 def export_model(cfg: PathrayConfig, checkpoint: Any, uri: str, metrics: dict[str, Any]) -> str:
