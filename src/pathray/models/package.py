@@ -59,10 +59,9 @@ def save_model_package(
     fs.makedirs(location.path, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"model": state, "meta": json.loads(json.dumps(meta or {}, default=float))}, buf)
-    with fs.open(_join(location.path, WEIGHTS_FILE), "wb") as fh:
-        fh.write(buf.getvalue())
-    with fs.open(_join(location.path, CONFIG_FILE), "w") as fh:
-        fh.write(dump_config(config))
+    # whole-object writes: s3fs refuses to open a file for writing with the small read block size
+    fs.pipe_file(_join(location.path, WEIGHTS_FILE), buf.getvalue())
+    fs.pipe_file(_join(location.path, CONFIG_FILE), dump_config(config).encode())
     return uri
 
 
