@@ -95,7 +95,9 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
     object_store.upload_file(slides / "slide_000.svs", f"{s3_slides}/a.svs")
     object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/model.pt")  # no config.yaml
     save_debug_package(root / "models" / "seg", "debug_cnn")
-    save_debug_package(root / "models" / "seg-vit", "debug_vit")
+    save_debug_package(root / "models" / "seg-vit" / "model", "debug_vit")  # a training run's layout
+    (root / "models" / "seg-vit" / "checkpoints").mkdir()
+    (root / "models" / "seg-vit" / "checkpoints" / "step-1.pt").write_bytes(b"x")
     object_store.upload_dir(root / "models", models)
     cfg = load_app_config(
         {
@@ -162,6 +164,7 @@ def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
     models = service.client.get("/v1/models").json()["models"]
     assert [m["id"] for m in models] == ["seg", "seg-vit"]
     assert models[0]["task"] == "segmentation" and models[0]["engine"] == "debug_cnn"
+    assert models[1]["engine"] == "debug_vit"  # served from a run folder's model/ package
     for model in ("nope", "../seg", "not-a-model"):
         r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": model})
         assert r.status_code == 404

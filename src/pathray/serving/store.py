@@ -18,7 +18,13 @@ def join(uri: str, *names: str) -> str:
 
 
 class ModelStore:
-    """A folder or bucket prefix whose sub-folders are model packages (``pathray.models.package``)."""
+    """A folder or bucket prefix of model packages (``pathray.models.package``); id = sub-folder name.
+
+    A sub-folder is a package itself (``<id>/config.yaml`` + ``<id>/model.pt``) or a training run
+    that exported one (``<id>/model/...``), so a runs folder can be served as it is.
+    """
+
+    LAYOUTS = ("", "model/")
 
     def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
         self.uri = uri
@@ -28,8 +34,17 @@ class ModelStore:
     def _fs(self) -> Any:
         return filesystem(self._location, self.storage)
 
+    def _package_dir(self, fs: Any, model_id: str) -> str | None:
+        """``<id>/`` or ``<id>/model/`` (relative to the store), whichever holds a package."""
+        root = self._location.path.rstrip("/")
+        for layout in self.LAYOUTS:
+            folder = f"{model_id}/{layout}"
+            if fs.exists(f"{root}/{folder}{CONFIG_FILE}") and fs.exists(f"{root}/{folder}{WEIGHTS_FILE}"):
+                return folder
+        return None
+
     def ids(self) -> list[str]:
-        """Model ids: the sub-folders holding a package's config file, sorted."""
+        """Model ids: the sub-folders holding a package (or a run's exported one), sorted."""
         fs = self._fs()
         root = self._location.path.rstrip("/")
         fs.invalidate_cache(root)  # bucket listings are cached by s3fs; new packages must show
@@ -37,31 +52,29 @@ class ModelStore:
             entries = fs.ls(root, detail=True)
         except FileNotFoundError:
             return []
-        found = []
-        for entry in entries:
-            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-            if entry.get("type") == "directory" and is_safe_id(name):
-                if fs.exists(f"{root}/{name}/{CONFIG_FILE}") and fs.exists(f"{root}/{name}/{WEIGHTS_FILE}"):
-                    found.append(name)
-        return sorted(found)
+        names = [
+            str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
+        ]
+        return sorted(n for n in names if is_safe_id(n) and self._package_dir(fs, n) is not None)
 
     def uri_for(self, model_id: str) -> str:
-        """The package URI of ``model_id``; ValueError for ids that are not plain names."""
+        """The package URI of ``model_id``; ValueError for ids that are not plain names or packages."""
         if not is_safe_id(model_id):
             raise ValueError(f"model id {model_id!r} is not a plain name")
-        return join(self.uri, model_id)
+        folder = self._package_dir(self._fs(), model_id)
+        if folder is None:
+            raise FileNotFoundError(f"no model package {model_id!r} in {self.uri}")
+        return join(self.uri, folder.rstrip("/"))
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """What ``GET /v1/models`` shows of a model: task, engine, classes (from its config only)."""
         fs = self._fs()
-        with fs.open(f"{self._location.path.rstrip('/')}/{model_id}/{CONFIG_FILE}", "r") as fh:
+        package = parse_uri(self.uri_for(model_id)).path
+        with fs.open(f"{package}/{CONFIG_FILE}", "r") as fh:
             cfg = yaml.safe_load(fh.read()) or {}
         task, engine = cfg.get("task") or {}, cfg.get("engine") or {}
         info: dict[str, Any] = {"id": model_id, "task": task.get("name"), "engine": engine.get("name")}
-        if task.get("name") == "detection":
-            info["classes"] = task.get("point_classes")
-        else:
-            info["classes"] = task.get("classes")
+        info["classes"] = task.get("point_classes" if task.get("name") == "detection" else "classes")
         return info
 
 
