@@ -44,11 +44,12 @@ def friendly(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pathray.cluster.jobs import ClusterError
         from pathray.datasets.manifest import ManifestError
 
         try:
             return func(*args, **kwargs)
-        except (SlideError, ConfigError, ManifestError) as exc:
+        except (SlideError, ConfigError, ManifestError, ClusterError) as exc:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
@@ -224,6 +225,77 @@ def demo(
     if store not in ("s3", "local"):
         fail(f"--store must be 's3' or 'local', not {store!r}")
     run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps))
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow and stop jobs on a Ray cluster (Ray Jobs API).")
+app.add_typer(jobs_app, name="jobs")
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="the cluster's dashboard, http://HEAD:8265 (or RAY_ADDRESS)")
+]
+
+
+def _key_values(items: list[str] | None) -> dict[str, str]:
+    pairs = [item.partition("=") for item in items or []]
+    bad = [k for k, eq, _ in pairs if not eq or not k]
+    if bad:
+        fail(f"--env wants KEY=VALUE, got {bad[0]!r}")
+    return {k: v for k, _, v in pairs}
+
+
+@app.command("submit")
+@friendly
+def submit_cmd(
+    config: Annotated[Path, typer.Argument(help="project config (YAML) to train on the cluster")],
+    address: AddressOpt = None,
+    overrides: SetOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the logs until the job ends")] = False,
+    working_dir: Annotated[
+        Path | None, typer.Option("--working-dir", help="a folder shipped with the job (manifests, ...)")
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the job's processes")] = None,
+    pip: Annotated[list[str] | None, typer.Option("--pip", help="extra pip requirement")] = None,
+    command: Annotated[str, typer.Option(help="pathray subcommand to run: train or experiment")] = "train",
+) -> None:
+    """Submit `pathray train CONFIG` to a Ray cluster through the Jobs API; prints the job id."""
+    from pathray.cluster.jobs import Submission, submit
+    from pathray.cluster.jobs import wait as wait_for
+
+    _config(config, overrides)  # a wrong key fails here, not minutes later on the cluster
+    sub = Submission(config, command, overrides or [], working_dir, _key_values(env), pip or [])
+    job_id = submit(sub, address)
+    typer.echo(f"submitted {job_id}")
+    if wait:
+        final = wait_for(job_id, address, echo=typer.echo)
+        typer.echo(f"job {job_id}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@jobs_app.command("status")
+@friendly
+def jobs_status(job_id: str, address: AddressOpt = None) -> None:
+    """A job's status and message."""
+    from pathray.cluster.jobs import status
+
+    typer.echo(json.dumps(status(job_id, address), indent=2, default=str))
+
+
+@jobs_app.command("logs")
+@friendly
+def jobs_logs(job_id: str, address: AddressOpt = None) -> None:
+    """A job's driver logs so far."""
+    from pathray.cluster.jobs import logs
+
+    typer.echo(logs(job_id, address), nl=False)
+
+
+@jobs_app.command("stop")
+@friendly
+def jobs_stop(job_id: str, address: AddressOpt = None) -> None:
+    """Stop a running job."""
+    from pathray.cluster.jobs import stop
+
+    typer.echo(f"stopping {job_id}" if stop(job_id, address) else f"{job_id} had already ended")
 
 
 class _Progress:

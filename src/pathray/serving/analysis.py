@@ -5,10 +5,37 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 STATUS_FILE = "status.json"
 STATES = ("queued", "running", "done", "failed")
+
+
+class Progress(BaseModel):
+    """Tiles and chunks done of the slide's tissue grid (totals are null until it is planned)."""
+
+    done_tiles: int
+    total_tiles: int | None
+    chunks_done: int
+    chunks_total: int | None
+    retries: int
+
+
+class AnalysisStatus(BaseModel):
+    """``GET /v1/analyses/{id}``: state, reason of a failure, progress, timings, links to the files."""
+
+    id: str
+    status: Literal["queued", "running", "done", "failed"]
+    reason: str | None
+    slide: str
+    model: str
+    progress: Progress
+    timings: dict[str, float]
+    links: dict[str, str]
+    files: dict[str, str]
+    heartbeat: float
 
 
 @dataclass

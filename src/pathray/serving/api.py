@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pathray.inference.outputs import OUTPUT_FILES
+from pathray.serving.analysis import AnalysisStatus
 from pathray.serving.config import ServeAppConfig
 from pathray.serving.security import UriRejected, check_slide_uri, is_safe_id, token_matches
 from pathray.serving.service import AnalysisService
@@ -27,6 +28,19 @@ class AnalysisRequest(BaseModel):
     slide: str = Field(..., max_length=2048, description="slide URI under an allowed prefix")
     model: str = Field(..., max_length=128, description="model id (GET /v1/models)")
     outputs: list[str] | None = Field(None, description=f"files to produce; default all of {OUTPUT_FILES}")
+
+
+class ModelInfo(BaseModel):
+    """One model of the store, from its package's config."""
+
+    id: str
+    task: str | None
+    engine: str | None
+    classes: list[str] | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
 
 
 class BodyLimit:
@@ -89,12 +103,12 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
         ids = await asyncio.to_thread(models.ids)
         return {"models": [await asyncio.to_thread(models.describe, i) for i in ids]}
 
-    @v1.post("/analyses", status_code=202)
+    @v1.post("/analyses", status_code=202, response_model=AnalysisStatus)
     async def create_analysis(body: AnalysisRequest) -> JSONResponse:
         try:
             uri = check_slide_uri(body.slide, security.allowed_prefixes)
@@ -117,7 +131,7 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
         doc = analysis.doc()
         return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})
 
-    @v1.get("/analyses/{analysis_id}")
+    @v1.get("/analyses/{analysis_id}", response_model=AnalysisStatus)
     async def get_analysis(analysis_id: str) -> dict[str, Any]:
         doc = await service.status(analysis_id) if is_safe_id(analysis_id) else None
         if doc is None:
