@@ -68,9 +68,30 @@ def test_fsdp_trains_sharded_resumes_and_exports_a_plain_model(ray_local, projec
         assert torch.equal(served(tiles), trained(tiles))
 
 
-def test_dino_refuses_fsdp_before_starting_workers(project):
+def test_dino_pretrains_with_fsdp_student_and_teacher_sharded(ray_local, project):
+    import torch
+
+    from pathray.models.engines import build_engine
     from pathray.training.trainer import run_training
 
-    cfg = project("dino-fsdp", "engine.name=debug_vit", "scale.strategy=fsdp", config="dino-pretrain.yaml")
-    with pytest.raises(ValueError, match="strategy=ddp"):
-        run_training(cfg, manifest=__import__("pandas").DataFrame())
+    cfg = project(
+        "dino-fsdp",
+        "engine.name=debug_vit",
+        "scale.strategy=fsdp",
+        "train.steps=2",
+        "run.checkpoint_every=2",
+        "data.stream.sampler.size=64",
+        "data.stream.augment.global_size=64",
+        "data.stream.augment.local_size=32",
+        "task.out_dim=256",
+        config="dino-pretrain.yaml",
+    )
+    result = run_training(cfg)
+    m = result.metrics
+    assert m["step"] == 2 and 0.4 < m["params_local_share"] < 0.6, m
+    assert 1.0 <= m["test/rankme"] <= 256 and 0.0 <= m["test/odcorr"] <= 1.0
+    # the gathered teacher differs from the student (EMA) and its backbone loads into an engine
+    saved = torch.load(Path(result.checkpoint) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    key = next(k for k in saved["model"] if k.startswith("engine.backbone.blocks."))
+    assert not torch.equal(saved["model"][key], saved["teacher_model"][key])
+    build_engine(cfg.engine).load_backbone_weights(str(Path(result.checkpoint) / "checkpoint.pt"))

@@ -77,10 +77,10 @@ class DinoLearner:
     def prepare(self, strategy: str) -> None:
         import ray.train.torch
 
-        if strategy != "ddp":
-            raise ValueError("DINO pretraining runs with scale.strategy=ddp (fsdp: supervised tasks)")
         # DINO uses the pooled embedding only: the dense decoder gets no gradient.
         self.trainable = wrap_model(self.model, strategy, {"find_unused_parameters": True})
+        if is_sharded(self.trainable):  # the teacher is sharded alike, so the EMA runs shard by shard
+            self.teacher = wrap_model(self.teacher, strategy)
         self.teacher.to(ray.train.torch.get_device())
 
     def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
@@ -94,20 +94,25 @@ class DinoLearner:
     def after_step(self, progress: float) -> None:
         from pathray.models.dino import update_teacher
 
+        for model in (self.trainable, self.teacher):
+            if is_sharded(model):  # a root FSDP module keeps its parameters gathered after forward
+                model.reshard()
         update_teacher(self.trainable, self.teacher, self.task.teacher_momentum(progress))
 
     def state(self) -> dict[str, Any]:
-        teacher_backbone = {f"backbone.{k}": v for k, v in self.teacher.engine.backbone.state_dict().items()}
+        teacher = model_state(self.teacher)
+        prefix = "engine.backbone."
+        backbone = {k.removeprefix("engine."): v for k, v in teacher.items() if k.startswith(prefix)}
         return {
-            "model": _unwrap(self.trainable).state_dict(),
-            "teacher_model": self.teacher.state_dict(),
-            "teacher": teacher_backbone,  # what `engine.weights` loads into a foundation engine
+            "model": model_state(self.trainable),
+            "teacher_model": teacher,
+            "teacher": backbone,  # what `engine.weights` loads into a foundation engine
             "task": self.task.state_dict(),
         }
 
     def load(self, saved: dict[str, Any]) -> None:
-        _unwrap(self.trainable).load_state_dict(saved["model"])
-        self.teacher.load_state_dict(saved["teacher_model"])
+        load_model_state(self.trainable, saved["model"])
+        load_model_state(self.teacher, saved["teacher_model"])
         self.task.load_state_dict(saved["task"])
 
 

@@ -70,8 +70,6 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
             raise ValueError("data.manifest is not set")
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
         validate_manifest(manifest, cfg.data.manifest, cfg.storage, check_uris=cfg.data.check_uris)
-    if cfg.task.name == "ssl" and cfg.scale.strategy == "fsdp":
-        raise ValueError("DINO pretraining runs with scale.strategy=ddp; fsdp is for the supervised tasks")
     name = run_name(cfg)
     storage_path = absolute(cfg.run.storage_path)
     run = cfg.run.model_copy(update={"name": name, "storage_path": storage_path})
