@@ -47,7 +47,7 @@ def test_every_dot_is_found_once_whatever_the_overlap(dots, overlap, radius_um):
     uri, xs, ys, cls = dots
     names = [c.name for c in NUCLEUS_CLASSES]
     spec = ModelSpec("detection", [], names, tile_size=64, tile_mpp=2.0, match_radius_um=radius_um)
-    config = InferenceConfig(overlap=overlap, min_tissue=0.0, chunk_tiles=9, batch_size=8)
+    config = InferenceConfig(overlap=overlap, min_tissue=0.0, chunk_tiles=9, batch_size=8, compute_threads=2)
     result = analyze_slide(uri, Predictor(DotDetector(), spec, config))
     assert result.counts == {n: int((cls == i).sum()) for i, n in enumerate(names)}
     found = np.array([(p["x"], p["y"]) for p in result.points])

@@ -30,11 +30,20 @@ def seg_spec(task: str = "segmentation") -> ModelSpec:
     return ModelSpec(task=task, classes=CLASSES, point_classes=[], tile_size=64, tile_mpp=MPP, name="colour")
 
 
-def test_segmentation_map_and_areas_are_exact(blocks):
+@pytest.mark.parametrize("compute_threads", [1, 2])
+def test_segmentation_map_and_areas_are_exact(blocks, compute_threads):
     uri, labels = blocks
     # Overlap 0.25: stride 48 px; out_mpp 4: 2 level-0 px per map pixel, so every tile edge, block
     # edge and map pixel line up and the stitched map must equal the blocks exactly.
-    config = InferenceConfig(overlap=0.25, min_tissue=0.0, clip_to_tissue=False, batch_size=7, chunk_tiles=10)
+    config = InferenceConfig(
+        overlap=0.25,
+        min_tissue=0.0,
+        clip_to_tissue=False,
+        batch_size=7,
+        chunk_tiles=10,
+        read_batch=3,
+        compute_threads=compute_threads,
+    )
     result = analyze_slide(uri, Predictor(ColourSegmenter(), seg_spec(), config))
     expected = expected_map(labels, CELL, 2)
     assert result.class_map.shape == expected.shape

@@ -24,4 +24,12 @@ class InferenceConfig(BaseModel):
     clip_to_tissue: bool = Field(
         True, description="class-map pixels outside the tissue mask are 255 (not analysed), not Background"
     )
+    compute_threads: int = Field(
+        1, ge=1, description="model threads, each on its own chunk (CPU: one per core, with torch_threads=1)"
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU: torch intra-op threads, set process-wide when the predictor is built; 0: as is",
+    )
     read_batch: int = Field(16, ge=1, description="tiles per read_batch call of one reader thread")

@@ -9,8 +9,11 @@ A Serve replica calls ``predict_chunk`` per chunk; offline runs and the CLI use 
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +89,8 @@ class Predictor:
         self.config = config or InferenceConfig()
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
+        if self.config.torch_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.config.torch_threads)  # process-wide: see InferenceConfig
         bf16 = self.config.precision == "bf16" or (
             self.config.precision == "auto" and self.device.type == "cuda"
         )
@@ -162,10 +167,30 @@ class Predictor:
 
             slide = open_slide(slide, storage)
         chunks = list(chunks)
+        workers = max(1, min(self.config.compute_threads, len(chunks)))
         with TileReader(slide, plan, chunks, self.config.read_threads, self.config.read_batch) as reader:
-            for chunk in chunks:
-                yield self._run_chunk(plan, chunk, reader)
+            if workers == 1:
+                for chunk in chunks:
+                    yield self._run_chunk(plan, chunk, reader)
+                return
+            # Several model threads, each on its own chunk: on CPUs, two single-threaded forward
+            # passes use two cores better than one pass split over two intra-op threads.
+            with ThreadPoolExecutor(workers, thread_name_prefix="pathray-model") as pool:
+                pending: deque[Future[ChunkResult]] = deque()
+                todo = iter(chunks)
+                for chunk in itertools.islice(todo, workers):
+                    pending.append(pool.submit(self._run_chunk, plan, chunk, reader))
+                try:
+                    while pending:
+                        result = pending.popleft().result()
+                        for chunk in itertools.islice(todo, 1):
+                            pending.append(pool.submit(self._run_chunk, plan, chunk, reader))
+                        yield result
+                finally:
+                    for future in pending:
+                        future.cancel()
 
+    @torch.inference_mode()
     def _run_chunk(self, plan: GridPlan, chunk: Chunk, reader: TileReader) -> ChunkResult:
         t0 = time.perf_counter()
         wait = predict = 0.0
@@ -173,8 +198,8 @@ class Predictor:
         points: list[np.ndarray] = []
         buffer: list[np.ndarray] = []
         done, bs = 0, self.config.batch_size
-        for tiles in reader.batches(chunk.index):
-            wait += reader.last_wait
+        for tiles, waited in reader.batches(chunk.index):
+            wait += waited
             buffer.append(tiles)
             buffered = sum(len(b) for b in buffer)
             if buffered < bs and done + buffered < len(chunk):

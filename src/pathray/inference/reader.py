@@ -1,7 +1,8 @@
-"""Reader threads that cut a plan's tiles ahead of the model, in order, with bounded look-ahead."""
+"""Reader threads that cut a plan's tiles ahead of the model, chunk by chunk, with bounded look-ahead."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ class TileReader:
     """Reads the tiles of ``chunks`` in groups of ``read_batch`` on ``threads`` threads.
 
     Decoding (JPEG, resampling) releases the GIL, so threads overlap reading with the model's
-    forward pass; at most ``lookahead`` groups are in flight, which bounds memory.
+    forward pass; about ``lookahead`` groups are in flight, which bounds memory. Several model
+    threads may each consume a different chunk at once (``batches`` is thread-safe).
     """
 
     def __init__(
@@ -30,39 +32,52 @@ class TileReader:
         lookahead: int | None = None,
     ) -> None:
         self.slide, self.plan = slide, plan
+        self.position = {c.index: i for i, c in enumerate(chunks)}
         self.groups: deque[tuple[int, np.ndarray, np.ndarray]] = deque(
-            (c.index, c.xs[s : s + read_batch], c.ys[s : s + read_batch])
-            for c in chunks
+            (i, c.xs[s : s + read_batch], c.ys[s : s + read_batch])
+            for i, c in enumerate(chunks)
             for s in range(0, len(c), read_batch)
         )
         self.lookahead = lookahead or 2 * threads + 2
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathray-tiles")
-        self.inflight: deque[tuple[int, Future[np.ndarray]]] = deque()
-        self.last_wait = 0.0
+        self.futures: dict[int, deque[Future[np.ndarray]]] = {}
+        self.inflight = 0
+        self.lock = threading.Lock()
 
     def _read(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         coords = [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
         return np.stack(self.slide.read_batch(coords, self.plan.tile_size, self.plan.tile_mpp))
 
-    def _top_up(self) -> None:
-        while self.groups and len(self.inflight) < self.lookahead:
-            index, xs, ys = self.groups.popleft()
-            self.inflight.append((index, self.pool.submit(self._read, xs, ys)))
+    def _top_up(self, through: int = -1) -> None:
+        """Submit groups while under the look-ahead, and every group of chunks up to ``through``."""
+        with self.lock:
+            while self.groups and (self.inflight < self.lookahead or self.groups[0][0] <= through):
+                pos, xs, ys = self.groups.popleft()
+                self.futures.setdefault(pos, deque()).append(self.pool.submit(self._read, xs, ys))
+                self.inflight += 1
 
-    def batches(self, chunk_index: int) -> Iterator[np.ndarray]:
-        """The tiles of chunk ``chunk_index`` in grid order (chunks must be asked for in order)."""
-        self._top_up()
-        while self.inflight and self.inflight[0][0] == chunk_index:
-            _, future = self.inflight.popleft()
+    def batches(self, chunk_index: int) -> Iterator[tuple[np.ndarray, float]]:
+        """``(tiles, seconds waited for them)`` of chunk ``chunk_index``, in grid order."""
+        pos = self.position[chunk_index]
+        self._top_up(through=pos)
+        while True:
+            with self.lock:
+                queue = self.futures.get(pos)
+                if not queue:
+                    self.futures.pop(pos, None)
+                    return
+                future = queue.popleft()
+                self.inflight -= 1
             self._top_up()
             t0 = time.perf_counter()
             tiles = future.result()
-            self.last_wait = time.perf_counter() - t0
-            yield tiles
+            yield tiles, time.perf_counter() - t0
 
     def close(self) -> None:
-        for _, future in self.inflight:
-            future.cancel()
+        with self.lock:
+            for queue in self.futures.values():
+                for future in queue:
+                    future.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> TileReader:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pathray.inference.grid import GridPlan, map_windows, window_counts
 
@@ -25,7 +24,8 @@ def window_means(
     """Box means of ``(N, C, S, S)`` tile probabilities over the class-map pixels of each tile.
 
     A map pixel's box is its footprint in tile pixels (edges rounded to tile pixels), so a map
-    pixel gets the mean of exactly the tile pixels under it. ``(N, C, 1, 1)`` inputs pass through.
+    pixel gets the mean of exactly the tile pixels under it (separable: a row average of column
+    averages). ``(N, C, 1, 1)`` inputs pass through.
 
     Returns:
         ``(means (N, C, k, k), rows, cols, heights, widths)``; the window of tile ``i`` is its
@@ -37,17 +37,16 @@ def window_means(
     if s == 1:
         return probs, rows, cols, heights, widths
     d, scale = plan.downsample, s / plan.extent
-    ey = torch.from_numpy(_edges(ys, rows, k, d, scale, s)).to(probs.device)
-    ex = torch.from_numpy(_edges(xs, cols, k, d, scale, s)).to(probs.device)
-    dtype = torch.float64 if probs.device.type == "cpu" else torch.float32
-    integral = F.pad(probs.to(dtype).cumsum(2).cumsum(3), (1, 0, 1, 0)).permute(0, 2, 3, 1)
-    b = torch.arange(n, device=probs.device)[:, None, None]
-
-    def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        return integral[b, yy[:, :, None], xx[:, None, :]]  # (n, k, k, c)
-
-    y0, y1, x0, x1 = ey[0], ey[1], ex[0], ex[1]
-    total = at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)
-    area = ((y1 - y0)[:, :, None] * (x1 - x0)[:, None, :]).to(dtype)
-    means = (total / area[..., None]).permute(0, 3, 1, 2)
+    wy = _box_weights(_edges(ys, rows, k, d, scale, s), s, probs.device)
+    wx = _box_weights(_edges(xs, cols, k, d, scale, s), s, probs.device)
+    # (n, k, s) @ (n, c, s, s) @ (n, s, k): every box mean as two small batched matmuls
+    means = torch.einsum("njp,ncpq,nkq->ncjk", wy, probs.float(), wx)
     return means, rows, cols, heights, widths
+
+
+def _box_weights(edges: np.ndarray, s: int, device: torch.device) -> torch.Tensor:
+    """``(n, k, s)`` float32: row ``j`` averages tile pixels ``[lo_j, hi_j)``."""
+    lo, hi = edges[0][..., None], edges[1][..., None]
+    p = np.arange(s)
+    inside = (p >= lo) & (p < hi)
+    return torch.from_numpy(inside / (hi - lo)).float().to(device)
