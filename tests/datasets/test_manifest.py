@@ -97,3 +97,31 @@ def test_fractions_only_for_the_split(testdata):
     assert out[out.split == "train"].fraction.notna().all()
     with pytest.raises(ValueError):
         assign_fractions(df, fractions=(0, 0.5))
+
+
+def test_training_subsets_are_nested_and_keep_the_held_out_slides():
+    import math
+
+    import pandas as pd
+
+    from pathray.datasets.manifest import training_subset
+
+    frame = pd.DataFrame(
+        {
+            "slide_id": [f"s{i}" for i in range(20)],
+            "uri": [f"/x/s{i}.svs" for i in range(20)],
+            "split": ["train"] * 16 + ["test"] * 4,
+            "label": ["G3", "G4"] * 10,
+        }
+    )
+    subsets = {f: set(training_subset(frame, f, seed=3).slide_id) for f in (0.1, 0.25, 0.5, 1.0)}
+    test = set(frame.slide_id[frame.split == "test"])
+    for small, large in ((0.1, 0.25), (0.25, 0.5), (0.5, 1.0)):
+        assert subsets[small] < subsets[large]
+    for f, ids in subsets.items():
+        assert test <= ids  # held-out slides never shrink
+        train = ids - test
+        assert len(train) == 2 * max(1, math.ceil(f * 8 - 1e-9))  # 8 training slides per label
+        labels = set(frame.set_index("slide_id").loc[sorted(train), "label"])
+        assert labels == {"G3", "G4"}  # stratified: every label keeps slides
+    assert subsets[0.25] == set(training_subset(frame, 0.25, seed=3).slide_id)  # seeded

@@ -33,5 +33,8 @@ class DataConfig(BaseModel):
 
     manifest: str | None = Field(None, description="Parquet/CSV manifest: a path or any storage URI")
     split: str | None = Field("train", description="which split to stream; null: every slide")
+    fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="nested, stratified share of the training slides (0.1 ⊂ 0.25 ⊂ …)"
+    )
     check_uris: bool = Field(True, description="stat every slide before streaming (reports all at once)")
     stream: StreamConfig = Field(default_factory=StreamConfig)

@@ -236,6 +236,24 @@ def assign_fractions(
     return out
 
 
+def training_subset(
+    frame: pd.DataFrame, fraction: float, split: str | None = "train", seed: int = 0
+) -> pd.DataFrame:
+    """The manifest with only the ``fraction`` subset of its ``split`` slides; other splits stay whole.
+
+    A manifest without a ``fraction`` column gets the standard nested fractions (and ``fraction``
+    itself) assigned first, seeded, so 10 % runs see a subset of what 25 % runs see.
+    """
+    if fraction >= 1.0:
+        return frame
+    if "fraction" not in frame.columns or frame["fraction"].isna().all():
+        frame = assign_fractions(frame, sorted({*TRAINING_FRACTIONS, fraction}), seed=seed, split=split)
+    outside = frame if split is None else frame[frame["split"] != split]
+    inside = frame if split is None else frame[frame["split"] == split]
+    keep = inside[inside["fraction"] <= fraction + 1e-9]
+    return pd.concat([keep, outside.drop(index=keep.index, errors="ignore")]).sort_index()
+
+
 def select_fraction(frame: pd.DataFrame, fraction: float) -> pd.DataFrame:
     """The slides of the ``fraction`` subset (needs ``assign_fractions`` first)."""
     if "fraction" not in frame.columns:

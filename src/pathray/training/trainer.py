@@ -60,7 +60,7 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from pathray.cluster.ray_local import ensure_ray
-    from pathray.datasets.manifest import load_manifest, validate_manifest
+    from pathray.datasets.manifest import load_manifest, training_subset, validate_manifest
     from pathray.datasets.stream import build_tile_dataset
     from pathray.training.loop import train_loop_per_worker
 
@@ -70,6 +70,8 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
             raise ValueError("data.manifest is not set")
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
         validate_manifest(manifest, cfg.data.manifest, cfg.storage, check_uris=cfg.data.check_uris)
+    # Fewer annotated slides, same held-out ones: the nested subsets of the training split.
+    manifest = training_subset(manifest, cfg.data.fraction, cfg.data.split or "train", cfg.train.seed)
     name = run_name(cfg)
     storage_path = absolute(cfg.run.storage_path)
     run = cfg.run.model_copy(update={"name": name, "storage_path": storage_path})
