@@ -2,7 +2,7 @@
 
 Project configs load as ``PathrayConfig``; serve configs (a ``serve:`` section) load as the Serve
 app's ``ServeAppConfig``; Serve deploy files (``applications:``) pass Ray's own schema, and the
-args of each pathray application pass ``ServeAppConfig``.
+args of each pathray application pass ``ServeAppConfig``; experiment files build every cell.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def kind(path: Path) -> str:
     tree = yaml.safe_load(path.read_text()) or {}
+    if "experiment" in tree:
+        return "experiment"
     return "deploy" if "applications" in tree else "serve" if "serve" in tree else "project"
 
 
 def test_there_are_configs():
-    assert {kind(p) for p in CONFIGS} == {"project", "serve", "deploy"}
+    assert {kind(p) for p in CONFIGS} == {"project", "serve", "deploy", "experiment"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -31,6 +33,15 @@ def test_config_loads(path, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     if kind(path) == "project":
         assert load_config(path).model_dump()
+        return
+    if kind(path) == "experiment":
+        from pathray.training.experiment import ExperimentConfig, cell_config
+
+        exp = load_config(path, model=ExperimentConfig).experiment
+        exp = exp.model_copy(update={"base": str(path.parent / exp.base)})
+        for engine in exp.engines:  # every cell's project config loads too
+            cfg = cell_config(exp, Path("/tmp"), engine, exp.fractions[0], exp.workers[0])
+            assert cfg.engine.name == engine and cfg.data.fraction == exp.fractions[0]
         return
     from pathray.serving.app import load_app_config
 

@@ -182,6 +182,28 @@ def train(
         typer.echo(f"{name + ':':11s} {path}")
 
 
+@app.command("experiment")
+@friendly
+def experiment_cmd(
+    config: Annotated[
+        Path, typer.Argument(help="experiment config (YAML): base project, engines, fractions, workers")
+    ],
+    overrides: SetOpt = None,
+) -> None:
+    """Run a grid of training runs (engines x training fractions x workers); write a table and plots."""
+    from pathray.training.experiment import run_experiment
+
+    def progress(done: int, total: int, name: str) -> None:
+        typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
+
+    result = run_experiment(config, overrides or [], progress=progress)
+    from pathray.training.experiment_report import markdown_table
+
+    typer.echo(markdown_table(result.table))
+    for name, path in result.paths.items():
+        typer.echo(f"{name + ':':24s} {path}")
+
+
 @app.command("serve")
 @friendly
 def serve_cmd(

@@ -1,0 +1,134 @@
+"""Experiments: a grid of Ray Train runs (engines x training fractions x workers) -> table and plots.
+
+pathray experiment configs/experiment-engines.yaml                       # the seed study's grid
+pathray experiment configs/experiment-engines.yaml --set experiment.workers=[1,2,4]
+
+Each cell is an ordinary ``run_training`` of the base project config with the engine, the
+fraction of annotated training slides (nested subsets, the same held-out slides) and the
+number of workers set; ``results.parquet``, ``results.md`` and three plots gather them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pathray.config import PathrayConfig, load_config
+
+
+class ExperimentSection(BaseModel):
+    """The grid and where its runs and results go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "experiment"
+    base: str = Field(..., description="project config every cell starts from (relative to this file)")
+    engines: list[str] = Field(default_factory=lambda: ["foundation", "cnn"])
+    fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    workers: list[int] = Field(default_factory=lambda: [1])
+    set: list[str] = Field(default_factory=list, description="overrides for every cell (a.b=value)")
+    engine_set: dict[str, list[str]] = Field(default_factory=dict, description="overrides per engine")
+    out: str = Field("runs/experiments", description="folder of the runs and the results")
+
+
+class ExperimentConfig(BaseModel):
+    """An experiment file: an ``experiment:`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: ExperimentSection
+
+
+@dataclass
+class ExperimentResult:
+    """Where the table and plots are, and the table itself."""
+
+    out: Path
+    table: Any
+    paths: dict[str, str]
+
+
+def cell_config(
+    exp: ExperimentSection, root: Path, engine: str, fraction: float, workers: int
+) -> PathrayConfig:
+    """The project config of one cell: base file < experiment overrides < the cell's own values."""
+    name = f"{exp.name}-{engine}-f{round(fraction * 100):03d}-w{workers}"
+    overrides = [
+        f"engine.name={engine}",
+        *exp.set,
+        *exp.engine_set.get(engine, []),
+        f"data.fraction={fraction}",
+        f"scale.workers={workers}",
+        f"run.name={name}",
+        f"run.storage_path={(root / 'runs').absolute()}",
+    ]
+    return load_config(exp.base, overrides)
+
+
+def cell_row(cfg: PathrayConfig, result: Any, seconds: float) -> dict[str, Any]:
+    """One table row: the cell, its test scores, the constant baseline and its throughput."""
+    history = [h for h in _history(result) if "steps_per_s" in h]
+    steps_per_s = history[-1]["steps_per_s"] if history else float("nan")
+    images = cfg.train.batch_size * cfg.optim.grad_accum * cfg.scale.workers
+    m = result.metrics
+    return {
+        "engine": cfg.engine.name,
+        "model": cfg.engine.model or "",
+        "fraction": cfg.data.fraction,
+        "workers": cfg.scale.workers,
+        "steps": cfg.train.steps,
+        "macro_f1": m.get("test/macro_f1", float("nan")),
+        "dice": m.get("test/dice", float("nan")),
+        "baseline_macro_f1": m.get("baseline/macro_f1", float("nan")),
+        "images_per_s": steps_per_s * images,
+        "data_wait_share": history[-1].get("data_wait_share", float("nan")) if history else float("nan"),
+        "seconds": seconds,
+        "run_dir": result.run_dir,
+        "model_uri": result.paths.get("model", ""),
+    }
+
+
+def _history(result: Any) -> list[dict[str, Any]]:
+    import json
+
+    path = result.paths.get("history")
+    if not path or not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_experiment(
+    path: str | Path, overrides: list[str] | None = None, progress: Any = None
+) -> ExperimentResult:
+    """Run every cell of the grid, one Ray Train run after another; write the table and plots."""
+    import pandas as pd
+
+    from pathray.training.experiment_report import write_report
+    from pathray.training.trainer import run_training
+
+    path = Path(path)
+    exp = load_config(path, overrides, model=ExperimentConfig).experiment
+    base = Path(exp.base)
+    exp = exp.model_copy(update={"base": str(base if base.is_absolute() else path.parent / base)})
+    root = Path(exp.out) / exp.name
+    root.mkdir(parents=True, exist_ok=True)
+    rows, histories = [], {}
+    cells = list(itertools.product(exp.engines, exp.fractions, exp.workers))
+    for i, (engine, fraction, workers) in enumerate(cells):
+        cfg = cell_config(exp, root, engine, fraction, workers)
+        if progress is not None:
+            progress(i, len(cells), cfg.run.name)
+        t0 = time.perf_counter()
+        result = run_training(cfg)
+        rows.append(cell_row(cfg, result, time.perf_counter() - t0))
+        histories[cfg.run.name] = _history(result)
+    if progress is not None:
+        progress(len(cells), len(cells), "")
+    table = pd.DataFrame(rows)
+    paths = write_report(table, histories, root)
+    return ExperimentResult(root, table, paths)
