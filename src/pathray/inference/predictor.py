@@ -225,13 +225,15 @@ class Predictor:
     ) -> np.ndarray:
         """Tile-px points -> level-0 rows ``(x, y, class, score, tile key)`` that their tile owns."""
         scale = plan.extent / plan.tile_size
-        rows = []
-        for pts, x, y in zip(found, xs, ys, strict=True):
-            lvl0 = np.column_stack([x + pts[:, 0] * scale, y + pts[:, 1] * scale, pts[:, 2], pts[:, 3]])
-            keep = owned(plan, lvl0, np.full(len(pts), x), np.full(len(pts), y))
-            key = float(grid_keys(plan, np.asarray(x), np.asarray(y)))
-            rows.append(np.column_stack([lvl0[keep], np.full(int(keep.sum()), key)]))
-        return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 5))
+        counts = [len(p) for p in found]
+        if not sum(counts):
+            return np.zeros((0, 5))
+        pts = np.concatenate(found).astype(np.float64)
+        tx, ty = np.repeat(xs, counts), np.repeat(ys, counts)
+        lvl0 = np.column_stack([tx + pts[:, 0] * scale, ty + pts[:, 1] * scale, pts[:, 2], pts[:, 3]])
+        keep = owned(plan, lvl0, tx, ty)  # one call per batch: the plan's keys are sorted once
+        keys = grid_keys(plan, tx, ty).astype(np.float64)
+        return np.column_stack([lvl0, keys])[keep]
 
     def _assemble(
         self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray]
