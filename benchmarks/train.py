@@ -73,7 +73,7 @@ def engine_config(engine: str, model: str | None, size: int, batch: int) -> Any:
 
 def ray_batches(manifest: Any, cfg: Any, batch: int) -> Iterator[dict[str, Any]]:
     """Batches from the Ray Data tile stream, as the training loop iterates its shard (epoch after epoch)."""
-    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+    from pathray.datasets.stream import build_tile_dataset, tile_collate
 
     epoch = 0
     while True:
@@ -83,7 +83,7 @@ def ray_batches(manifest: Any, cfg: Any, batch: int) -> Iterator[dict[str, Any]]
         delivered = False
         for item in ds.iter_torch_batches(
             batch_size=batch,
-            collate_fn=collate_tiles,
+            collate_fn=tile_collate(),
             local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
             drop_last=True,
         ):

@@ -147,7 +147,7 @@ def test_epochs_differ_and_a_seed_repeats(ray_local, manifest):
 def test_ssl_views_reach_torch(ray_local, manifest):
     import torch
 
-    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+    from pathray.datasets.stream import build_tile_dataset, tile_collate
 
     cfg = StreamConfig(
         sampler={"kind": "random_tissue", "tiles_per_slide": 4},
@@ -156,7 +156,7 @@ def test_ssl_views_reach_torch(ray_local, manifest):
         readers=1,
     )
     ds = build_tile_dataset(manifest, cfg)
-    batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=collate_tiles))
+    batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=tile_collate()))
     total = sum(len(b["x"]) for b in batches)
     assert total == len(manifest) * 4
     b = batches[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -130,33 +131,71 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 slide.close()
                 progress.advance(task)
         console.print(table)
-        trained: dict[str, object] = {}
+        trained: dict[str, Any] = {}
         if options.steps > 0:
-            trained = train_in_demo(out, manifest, manifest_path, storage, console, options.steps)
-    console.print(f"manifest:      {manifest_path}")
-    console.print(f"tissue masks:  {out / 'masks'}")
-    for name, result in trained.items():
-        for key in ("curves", "metrics"):
-            if key in result.paths:  # type: ignore[attr-defined]
-                console.print(f"{name + ' ' + key + ':':24s} {result.paths[key]}")  # type: ignore[attr-defined]
+            trained = train_in_demo(out, manifest, manifest_path, storage, console, options.steps, prefix)
+    console.print(f"{'manifest:':28s} {manifest_path}")
+    console.print(f"{'tissue masks:':28s} {out / 'masks'}")
+    for label, path in output_paths(trained).items():
+        console.print(f"{label + ':':28s} {path}")
     console.print(f"done in {time.perf_counter() - started:.0f} s")
     return {"manifest": str(manifest_path), "slides": rows, **trained}
 
 
+def output_paths(trained: dict[str, Any]) -> dict[str, str]:
+    """What a user opens next: curves and metrics, the experiment's table and plots, the analysis."""
+    paths: dict[str, str] = {}
+    if "dino" in trained:
+        paths["DINO curves"] = trained["dino"].paths.get("curves", "")
+    if "experiment" in trained:
+        exp = trained["experiment"]
+        for key in ("table", "f1_vs_fraction", "f1_vs_iteration", "throughput_vs_workers"):
+            paths[f"experiment {key.replace('_', ' ')}"] = exp.paths[key]
+        run_dir = Path(trained["best"]["run_dir"])
+        paths["best model metrics"] = str(run_dir / "metrics.json")
+        paths["best model curves"] = str(run_dir / "curves.png")
+    for name, path in (trained.get("analysis") or {}).get("files", {}).items():
+        paths[f"analysis {name}"] = path
+    return paths
+
+
 def train_in_demo(
-    out: Path, manifest: Any, manifest_path: Path, storage: StorageConfig, console: Console, steps: int
-) -> dict[str, object]:
-    """Run the training stage on a local Ray, and stop that Ray afterwards (nothing left behind)."""
+    out: Path,
+    manifest: Any,
+    manifest_path: Path,
+    storage: StorageConfig,
+    console: Console,
+    steps: int,
+    prefix: str,
+) -> dict[str, Any]:
+    """Train, then serve the better model and analyse a held-out slide over HTTP, on a local Ray
+    that is stopped afterwards (nothing left behind)."""
     import ray
 
+    from pathray.cluster.demo_serving import print_summary, serve_and_analyze
     from pathray.cluster.demo_training import run_demo_training
     from pathray.cluster.ray_local import ensure_ray
 
     started_here = not ray.is_initialized()
     with console.status("starting a local Ray (127.0.0.1)"):
         ensure_ray(log_to_driver=False)
+    for name in ("ray.data", "ray.serve", "ray.train"):  # the demo shows its own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return run_demo_training(out, manifest, str(manifest_path), storage, console, steps)
+        trained = run_demo_training(out, manifest, str(manifest_path), storage, console, steps)
+        best = trained["best"]
+        held_out = manifest[manifest["split"] == "test"].iloc[0]
+        summary = serve_and_analyze(
+            out,
+            Path(trained["experiment"].out) / "runs",
+            Path(best["run_dir"]).name,
+            str(held_out["uri"]),
+            f"{prefix}/slides",
+            storage,
+            console,
+        )
+        print_summary(summary, console)
+        return {**trained, "analysis": summary}
     finally:
         if started_here:
             ray.shutdown()

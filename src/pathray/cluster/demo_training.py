@@ -1,10 +1,11 @@
-"""The demo's training stage: DINO on online-patched tiles, then segmentation fine-tuned from its teacher."""
+"""The demo's training stage: DINO on online-patched tiles, then foundation vs CNN as an experiment."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from pathray.config import PathrayConfig, load_config
@@ -74,7 +75,7 @@ def demo_configs(out: Path, manifest_uri: str, steps: int) -> tuple[PathrayConfi
 def run_demo_training(
     out: Path, manifest: Any, manifest_uri: str, storage: StorageConfig, console: Console, steps: int = 40
 ) -> dict[str, Any]:
-    """Pretrain with DINO, fine-tune segmentation from the DINO teacher, print what it scored."""
+    """Pretrain with DINO, then fine-tune both engines at two training fractions (an experiment)."""
     from pathray.training.trainer import run_training
 
     dino, seg = demo_configs(out, manifest_uri, steps)
@@ -83,17 +84,55 @@ def run_demo_training(
         f"DINO pretraining ({dino.train.steps} steps, {dino.engine.model}) on online-patched tiles"
     ):
         pre = run_training(dino, manifest)
-    console.print(f"DINO: loss {pre.metrics.get('loss', float('nan')):.3f}, checkpoint {pre.checkpoint}")
-    weights = str(Path(str(pre.checkpoint)) / "checkpoint.pt")
-    seg = seg.model_copy(
-        update={"storage": storage, "engine": seg.engine.model_copy(update={"weights": weights})}
-    )
-    with console.status(f"fine-tuning segmentation ({seg.train.steps} steps) from the DINO teacher"):
-        fine = run_training(seg, manifest)
-    m = fine.metrics
+    m = pre.metrics
     console.print(
-        f"segmentation on held-out slides: macro F1 {m.get('test/macro_f1', float('nan')):.3f}, "
-        f"Dice {m.get('test/dice', float('nan')):.3f} "
-        f"(always predicting the commonest class: macro F1 {m.get('baseline/macro_f1', float('nan')):.3f})"
+        f"DINO: loss {m.get('loss', float('nan')):.3f}, RankMe {m.get('test/rankme', float('nan')):.1f}, "
+        f"linear probe accuracy {m.get('test/probe_accuracy', float('nan')):.2f}"
     )
-    return {"dino": pre, "segmentation": fine}
+    weights = str(Path(str(pre.checkpoint)) / "checkpoint.pt")
+    experiment = run_demo_experiment(out, seg.model_copy(update={"storage": storage}), weights, console)
+    return {"dino": pre, **experiment}
+
+
+def run_demo_experiment(out: Path, seg: PathrayConfig, dino_weights: str, console: Console) -> dict[str, Any]:
+    """Foundation (from the DINO teacher) vs CNN (random init) at 50 % and 100 % of the training slides."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pathray.config import dump_config
+    from pathray.training.experiment import ExperimentConfig, run_experiment
+    from pathray.training.experiment_report import markdown_table
+
+    base = out / "configs" / "demo-segmentation.yaml"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.write_text(dump_config(seg))
+    experiment = {
+        "experiment": {
+            "name": "demo",
+            "base": base.name,
+            "engines": ["foundation", "cnn"],
+            "fractions": [0.5, 1.0],
+            "workers": [1],
+            "engine_set": {
+                "foundation": [f"engine.weights={dino_weights}"],
+                "cnn": ["engine.model=resnet18", "engine.weights=null", "optim.lr=1e-3"],
+            },
+            "out": str(out / "experiments"),
+        }
+    }
+    ExperimentConfig.model_validate(experiment)
+    path = base.parent / "demo-experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("fine-tuning", total=4)
+
+        def advance(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"fine-tuning {name}")
+
+        result = run_experiment(path, progress=advance)
+    console.print("experiment: foundation (DINO-initialised ViT) vs CNN (random init), segmentation")
+    console.print(markdown_table(result.table))
+    full = result.table[result.table["fraction"] == 1.0].sort_values("macro_f1", ascending=False)
+    best = full.iloc[0]
+    console.print(f"better model at 100 %: {best['engine']} (test macro F1 {best['macro_f1']:.3f})")
+    return {"experiment": result, "best": best.to_dict()}

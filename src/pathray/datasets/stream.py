@@ -305,8 +305,20 @@ def build_tile_dataset(
     )
 
 
+def tile_collate() -> Any:
+    """``iter_torch_batches(collate_fn=tile_collate())``: ``collate_tiles`` as the callable class
+    Ray Data asks for (a plain function is deprecated there)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TileCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return collate_tiles(batch)
+
+    return TileCollate()
+
+
 def collate_tiles(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``iter_torch_batches(collate_fn=collate_tiles)``: numbers become tensors, ids stay strings.
+    """Numbers become tensors, ids stay strings (``tile_collate`` wraps it for Ray Data).
 
     Ray's default collation cannot turn ``slide_id`` and ``label`` into tensors; the training
     loop still wants them (per-slide metrics, debugging), so they come through as lists.

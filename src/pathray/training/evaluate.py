@@ -25,7 +25,7 @@ def load_trained(cfg: PathrayConfig, checkpoint: Any) -> tuple[torch.nn.Module, 
 
 def evaluate_checkpoint(cfg: PathrayConfig, checkpoint: Any, manifest: Any) -> dict[str, float]:
     """Task metrics on ``eval_tiles_per_slide`` random tissue tiles of each test slide (no augmentation)."""
-    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+    from pathray.datasets.stream import build_tile_dataset, tile_collate
 
     model, task = load_trained(cfg, checkpoint)
     stream = cfg.data.stream.model_copy(
@@ -42,7 +42,7 @@ def evaluate_checkpoint(cfg: PathrayConfig, checkpoint: Any, manifest: Any) -> d
     metric = task.metrics()
     targets: list[torch.Tensor] = []
     with torch.no_grad():
-        for batch in ds.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate_tiles):
+        for batch in ds.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=tile_collate()):
             outputs = model(batch["image"])
             metric.update(outputs, batch)
             targets.append(batch["target"])
@@ -72,7 +72,7 @@ def evaluate_ssl(cfg: PathrayConfig, checkpoint: Any, manifest: Any) -> dict[str
     RankMe and ODCorr read the embeddings alone; the linear probe fits tile labels (the annotated
     class each class-balanced tile was drawn from) on train-split slides and scores the rest.
     """
-    from pathray.datasets.stream import build_tile_dataset, collate_tiles
+    from pathray.datasets.stream import build_tile_dataset, tile_collate
     from pathray.models.engines import build_engine
     from pathray.models.metrics import linear_probe, odcorr, rankme
 
@@ -93,7 +93,7 @@ def evaluate_ssl(cfg: PathrayConfig, checkpoint: Any, manifest: Any) -> dict[str
     size = cfg.engine.img_size
     embeddings, labels, slide_ids = [], [], []
     with torch.no_grad():
-        for batch in ds.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=collate_tiles):
+        for batch in ds.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=tile_collate()):
             images = batch["image"]
             if images.shape[1] != size:  # the probe sees tiles at the engine's input size
                 x = images.permute(0, 3, 1, 2).float()

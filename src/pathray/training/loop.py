@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pathray.datasets.stream import collate_tiles
+    from pathray.datasets.stream import tile_collate
 
     cfg = PathrayConfig.model_validate(config)
     rank = ray.train.get_context().get_world_rank()
@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tick = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=cfg.train.batch_size,
-            collate_fn=collate_tiles,
+            collate_fn=tile_collate(),
             local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
             drop_last=True,
         ):
