@@ -17,14 +17,8 @@ def join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *names])
 
 
-class ModelStore:
-    """A folder or bucket prefix of model packages (``pathray.models.package``); id = sub-folder name.
-
-    A sub-folder is a package itself (``<id>/config.yaml`` + ``<id>/model.pt``) or a training run
-    that exported one (``<id>/model/...``), so a runs folder can be served as it is.
-    """
-
-    LAYOUTS = ("", "model/")
+class _Store:
+    """A folder or bucket prefix read and written with fsspec."""
 
     def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
         self.uri = uri
@@ -33,6 +27,16 @@ class ModelStore:
 
     def _fs(self) -> Any:
         return filesystem(self._location, self.storage)
+
+
+class ModelStore(_Store):
+    """A folder or bucket prefix of model packages (``pathray.models.package``); id = sub-folder name.
+
+    A sub-folder is a package itself (``<id>/config.yaml`` + ``<id>/model.pt``) or a training run
+    that exported one (``<id>/model/...``), so a runs folder can be served as it is.
+    """
+
+    LAYOUTS = ("", "model/")
 
     def _package_dir(self, fs: Any, model_id: str) -> str | None:
         """``<id>/`` or ``<id>/model/`` (relative to the store), whichever holds a package."""
@@ -78,16 +82,8 @@ class ModelStore:
         return info
 
 
-class ResultStore:
+class ResultStore(_Store):
     """``<output>/<analysis id>/``: outputs and status.json, so results outlive any replica."""
-
-    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
-        self.uri = uri
-        self.storage = storage
-        self._location = parse_uri(uri)
-
-    def _fs(self) -> Any:
-        return filesystem(self._location, self.storage)
 
     def dest(self, analysis_id: str) -> str:
         """The URI of one analysis's folder (what ``write_outputs`` writes into)."""

@@ -52,11 +52,9 @@ class StorageConfig(BaseModel):
         """fsspec storage options for ``protocol``."""
         if protocol != "s3":
             return {}
-        opts: dict[str, Any] = {
-            "default_block_size": self.block_size,
-            "default_cache_type": "readahead",
-            "anon": self.anon,
-        }
+        # No filesystem-wide block size: s3fs writes need blocks of >= 5 MB; slide reads pass
+        # ``block_size`` themselves (``open_file``).
+        opts: dict[str, Any] = {"anon": self.anon}
         endpoint = (
             self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         )
@@ -202,8 +200,11 @@ def stat(location: Location, storage: StorageConfig | None = None) -> dict[str, 
 def open_file(location: Location, storage: StorageConfig | None, counter: ByteCounter) -> CountingFile:
     """Open the object for random access reads (header parsing); errors become SlideErrors."""
     fs = filesystem(location, storage)
+    readahead: dict[str, Any] = {}
+    if location.protocol == "s3":
+        readahead = {"block_size": (storage or StorageConfig()).block_size, "cache_type": "readahead"}
     try:
-        raw = fs.open(location.path, "rb")
+        raw = fs.open(location.path, "rb", **readahead)
     except Exception as exc:  # noqa: BLE001
         raise translate_error(location.uri, exc) from None
     return CountingFile(raw, counter)
