@@ -1,4 +1,5 @@
-"""`pathray demo` end to end, as a new user runs it, at a reduced size (6 slides of 3072 px, 8 steps)."""
+"""`pathray demo` end to end, as a new user runs it, at a reduced size (6 slides of 3072 px, 8 steps):
+slides into the store, DINO, the engine x fraction experiment, serving and an HTTP analysis."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -66,9 +68,24 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, store, steps):
     assert all(Image.open(m).size[0] > 100 for m in masks)
     assert "tissue masks:" in out.stdout and "manifest:" in out.stdout
     if steps:
-        metrics = json.loads((tmp_path / "demo" / "runs" / "demo-segmentation" / "metrics.json").read_text())
-        assert metrics["step"] == steps and "test/macro_f1" in metrics
-        assert (tmp_path / "demo" / "runs" / "demo-segmentation" / "curves.png").stat().st_size > 0
-        assert (tmp_path / "demo" / "runs" / "demo-dino" / "curves.png").stat().st_size > 0
-        assert "segmentation on held-out slides: macro F1" in out.stdout
+        demo = tmp_path / "demo"
+        assert (demo / "runs" / "demo-dino" / "curves.png").stat().st_size > 0
+        table = pd.read_parquet(demo / "experiments" / "demo" / "results.parquet")
+        assert sorted(zip(table.engine, table.fraction, strict=True)) == [
+            ("cnn", 0.5), ("cnn", 1.0), ("foundation", 0.5), ("foundation", 1.0)
+        ]  # fmt: skip
+        assert (table.steps == steps).all() and table.macro_f1.between(0, 1).all()
+        for run_dir in table.run_dir:
+            metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+            assert metrics["step"] == steps and "test/macro_f1" in metrics
+        assert "better model at 100 %" in out.stdout
+        # The better model was served and a held-out slide analysed over HTTP.
+        summary = json.loads((demo / "analysis" / "summary.json").read_text())
+        held_out = manifest[manifest.split == "test"].uri.iloc[0]
+        assert summary["slide"] == held_out and summary["tiles_done"] == summary["tiles"] > 0
+        assert sum(summary["areas_mm2"].values()) > 0
+        geojson = json.loads((demo / "analysis" / "annotations.geojson").read_text())
+        assert geojson["type"] == "FeatureCollection"
+        assert Image.open(demo / "analysis" / "overlay.png").size[0] > 10
+        assert "analysis overlay.png:" in out.stdout and "serving demo-" in out.stdout
     assert not pids(own_tmp), f"the demo left processes running: {pids(own_tmp)}"
