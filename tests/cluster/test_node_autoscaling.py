@@ -171,7 +171,7 @@ def test_a_group_resource_demand_adds_a_node_that_idles_away(tmp_path):
             env=env, capture_output=True, text=True, timeout=480,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        seen = json.loads(out.stdout.split("RESULT ", 1)[1])
+        seen = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])  # autoscaler events may follow
         assert seen["before"] == 1, seen  # only the head until the job asked for the group
         assert seen["most"] == 2 and seen["group_nodes"] == 1, seen  # the autoscaler added one
         assert seen["steps"] == 2, seen  # ... and the worker trained on it

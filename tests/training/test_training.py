@@ -56,7 +56,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, project, tmp_pat
 def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
     from pathray.training.trainer import run_training
 
-    cfg = project("learns", "train.steps=60", "run.checkpoint_every=30", "run.log_every=10")
+    # 100 steps: at 60 the held-out macro F1 ranged 0.18-0.30 over runs (stream order varies), too near
+    # the margin; at 100 it was 0.31-0.37.
+    cfg = project("learns", "train.steps=100", "run.checkpoint_every=50", "run.log_every=10")
     result = run_training(cfg)
     m = result.metrics
     assert m["test/tiles"] >= 16
@@ -78,7 +80,7 @@ def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
     tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(served(tiles), trained(tiles))
-    assert package.meta["step"] == 60 and package.config.task.classes == cfg.task.classes
+    assert package.meta["step"] == 100 and package.config.task.classes == cfg.task.classes
 
 
 def ray_checkpoint(path: str):
