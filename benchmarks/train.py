@@ -12,8 +12,7 @@ cut from a few synthetic slides. On CPU the tiles come from the real Ray Data st
 (``build_tile_dataset(...).iter_torch_batches``, local Ray with ``--ray-cpus``); on a GPU, or
 with ``--no-ray``, from ``pathray.training.feed.ProcessFeed``: ``--producers`` processes run the
 stream's own reading code (``sample_slide`` then ``TileReader``) into shared slots, and a loader
-thread moves each batch through pinned memory onto the device, so the step never copies
-(``--producer thread``: threads in this process instead, bounded by the GIL). The data-wait
+thread moves each batch through pinned memory onto the device, so the step never copies. The data-wait
 share is the time the loop is blocked on the next batch over the wall time of the timed steps.
 Inference is the model alone (engine + head, eval, no_grad) on random tiles, median of
 ``--iters`` batches; on a GPU in bf16 autocast. torch keeps its default threads: on CPU they share
@@ -29,10 +28,8 @@ import argparse
 import importlib.util
 import math
 import os
-import queue
 import statistics
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -92,64 +89,6 @@ def ray_batches(manifest: Any, cfg: Any, batch: int) -> Iterator[dict[str, Any]]
         if not delivered:
             raise RuntimeError("the tile stream delivered no batch: check the slides and the sampler")
         epoch += 1
-
-
-def _put(out: Any, item: Any, stop: Any) -> bool:
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def produce(manifest: Any, cfg: Any, batch: int, worker: int, workers: int, out: Any, stop: Any) -> None:
-    """One producer thread: the feed's ``read_batches`` onto ``out`` (an error goes as a str)."""
-    from pathray.training.feed import read_batches
-
-    try:
-        for tiles in read_batches(manifest, cfg, batch, worker, workers):
-            if not _put(out, tiles, stop):
-                return
-    except Exception as exc:  # noqa: BLE001 - reported by the consumer, which stops the run
-        _put(out, f"producer {worker}: {type(exc).__name__}: {exc}", stop)
-
-
-class ThreadFeed:
-    """Ray-free tile batches from ``workers`` threads in this process (the GIL bounds them)."""
-
-    def __init__(self, manifest: Any, cfg: Any, batch: int, workers: int, timeout: float) -> None:
-        self.out: Any = queue.Queue(maxsize=2 * workers)
-        self.stop = threading.Event()
-        self.timeout = timeout
-        self.workers = [
-            threading.Thread(
-                target=produce, args=(manifest, cfg, batch, i, workers, self.out, self.stop), daemon=True
-            )
-            for i in range(workers)
-        ]
-        for w in self.workers:
-            w.start()
-
-    def __iter__(self) -> ThreadFeed:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        from pathray.datasets.stream import collate_tiles
-
-        try:
-            item = self.out.get(timeout=self.timeout)
-        except queue.Empty:
-            raise RuntimeError(f"the producers delivered no batch in {self.timeout:.0f} s") from None
-        if isinstance(item, str):
-            raise RuntimeError(item)
-        return collate_tiles(item)
-
-    def close(self) -> None:
-        self.stop.set()
-        for w in self.workers:
-            w.join(timeout=10)
 
 
 @dataclass
@@ -262,14 +201,11 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
         if use_ray:
             feed: Any = ray_batches(manifest, cfg, batch)
             row.feed = f"ray data ({args.ray_cpus} cpus)"
-        elif args.producer == "process":
+        else:
             from pathray.training.feed import ProcessFeed
 
             feed = ProcessFeed(manifest, cfg, batch, producers, device, timeout=args.data_timeout)
             row.feed = f"{producers} process{'es' if producers > 1 else ''}"
-        else:
-            feed = ThreadFeed(manifest, cfg, batch, producers, args.data_timeout)
-            row.feed = f"{producers} thread{'s' if producers > 1 else ''}"
         try:
             wall, wait = time_training(learner, cfg, feed, device, warmup, steps)
         finally:
@@ -320,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--producers", type=int, default=0, help="Ray-free feed: producers (0: all CPUs but two)"
     )
-    parser.add_argument("--producer", choices=["thread", "process"], default="process")
     parser.add_argument("--data-timeout", type=float, default=300.0, help="longest wait for one batch, s")
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--slide-size", type=int, default=4096)

@@ -194,3 +194,18 @@ def test_a_project_config_with_a_serve_section_can_be_served(tmp_path):
     project.write_text("engin: {name: debug_cnn}\n")
     with pytest.raises(ConfigError, match=r"unknown sections \['engin'\]"):
         load_app_config({"config": str(project)})
+
+
+def test_the_token_is_not_an_app_argument_and_a_replica_without_one_refuses_to_start(monkeypatch):
+    from pathray.serving.app import build_app, load_app_config
+    from pathray.serving.ingress import Ingress
+
+    monkeypatch.setenv("PATHRAY_SERVE_TOKEN", "driver-secret")
+    app = build_app(load_app_config({"config": str(CONFIGS / "serve.yaml")}))
+    args = app._bound_deployment.init_args  # what Serve stores with the application
+    assert "driver-secret" not in repr(args) and args[-1] is True
+    monkeypatch.delenv("PATHRAY_SERVE_TOKEN")  # a cluster whose environment lacks the token
+    # Serve wraps our class in a subclass of the same name: ours is the last of that module
+    ours = [c for c in Ingress.func_or_class.__mro__ if c.__module__ == "pathray.serving.ingress"][-1]
+    with pytest.raises(RuntimeError, match=r"\$PATHRAY_SERVE_TOKEN"):
+        ours.__init__(ours.__new__(ours), None, args[1], True)  # the replica's constructor

@@ -7,7 +7,10 @@ from typing import Any
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None, **kwargs: Any) -> None:
-    """``ray.init`` once: the cluster at ``address``/``RAY_ADDRESS`` if any, else a local one.
+    """``ray.init`` once: the cluster at ``address``/``RAY_ADDRESS`` if any, else a new local one.
+
+    Without an address a new local Ray starts even when a ``ray start`` cluster runs on this
+    machine (Ray itself would attach to that one): set ``RAY_ADDRESS=auto`` to attach to it.
 
     A local Ray binds to 127.0.0.1, without the dashboard or usage reporting, and gets
     progress bars off, so a laptop run and a test look the same as a cluster run.
@@ -23,6 +26,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, **kwargs
         ray.init(address=address, **kwargs)
     else:
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

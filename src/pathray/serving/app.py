@@ -95,5 +95,7 @@ def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Applicatio
         max_ongoing_requests=ingress.max_ongoing_requests,
         num_replicas=ingress.replicas,
     )
-    token = cfg.serve.security.resolved_token()
-    return ingress_deployment.bind(model_deployment.bind(cfg), cfg, token)
+    # Only whether a token is on travels in the deployment's arguments; the replica reads the token
+    # itself (config or environment), so it is not stored with the application.
+    needs_token = cfg.serve.security.resolved_token() is not None
+    return ingress_deployment.bind(model_deployment.bind(cfg), cfg, needs_token)

@@ -32,13 +32,20 @@ class Ingress:
     Args:
         model: handle of the ``ModelServer`` deployment.
         config: the app config.
-        token: the bearer token (resolved by ``build_app``), or None for no auth.
+        needs_token: a token was configured where the app was built; the replica then refuses to
+            start without one of its own (config or ``security.token_env``), never serving open.
     """
 
-    def __init__(self, model: DeploymentHandle, config: ServeAppConfig, token: str | None) -> None:
+    def __init__(self, model: DeploymentHandle, config: ServeAppConfig, needs_token: bool) -> None:
         from pathray.serving.service import AnalysisService
 
-        self.model, self.config, self.token = model, config, token
+        self.model, self.config = model, config
+        self.token = config.serve.security.resolved_token()
+        if needs_token and self.token is None:
+            raise RuntimeError(
+                "a bearer token was configured where the app was built, but this replica has none: "
+                f"set ${config.serve.security.token_env} in the cluster's environment"
+            )
         self.service = AnalysisService(config, self._spec, self._chunk, replica_died)
 
     async def _spec(self, model_id: str) -> Any:
