@@ -119,9 +119,9 @@ class AnalysisResult:
                 sel = base == i
                 if name != "Background" and sel.any():
                     out[sel] = (1 - alpha) * out[sel] + alpha * np.asarray(class_color(name, i), np.float32)
-        else:
+        if self.points:  # detections, or instance centroids over the foreground tint
             d = self.out_mpp / self.slide_mpp
-            for p in self.points or []:
+            for p in self.points:
                 r, c = int(p["y"] / d), int(p["x"] / d)
                 if 0 <= r < shape[0] and 0 <= c < shape[1]:
                     k = self.point_classes.index(p["class"]) if p["class"] in self.point_classes else 0

@@ -31,7 +31,9 @@ from pathray.wsi.slide import Slide
 from pathray.wsi.storage import StorageConfig
 
 INSTANCE_CLASSES = ["Background", "Foreground"]
-"""Instance models are stitched as foreground segmentation (instances are not yet merged across tiles)."""
+"""Instance models are stitched as foreground segmentation (the class map and areas) ..."""
+INSTANCE_POINT_CLASSES = ["Instance"]
+"""... and their instances as centroid points, each kept once across tiles (as detections are)."""
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,19 @@ class ModelSpec:
     def has_map(self) -> bool:
         return self.task != "detection"
 
+    @property
+    def has_points(self) -> bool:
+        return self.task in ("detection", "instance")
+
 
 def spec_from_config(cfg: Any, name: str = "") -> ModelSpec:
     """The spec of a package's ``PathrayConfig``: its task and the stream's tile size and first mpp."""
     sampler, task = cfg.data.stream.sampler, cfg.task
-    classes = INSTANCE_CLASSES if task.name == "instance" else list(task.classes)
+    instance = task.name == "instance"
     return ModelSpec(
         task=task.name,
-        classes=classes,
-        point_classes=list(task.point_classes),
+        classes=INSTANCE_CLASSES if instance else list(task.classes),
+        point_classes=INSTANCE_POINT_CLASSES if instance else list(task.point_classes),
         tile_size=int(sampler.size),
         tile_mpp=float(sampler.mpps[0]),
         peak_threshold=float(task.peak_threshold),
@@ -130,6 +136,12 @@ class Predictor:
         return out.softmax(1)
 
     def _points(self, outputs: Any) -> list[np.ndarray]:
+        """Per tile ``(n, 4)`` ``(x, y, class, score)`` in tile px: detections, or instance centroids."""
+        if self.spec.task == "instance":
+            from pathray.models.instance import instance_centroids
+
+            probs = outputs[:, :2].float().sigmoid().cpu().numpy()
+            return [instance_centroids(p[0], p[1]) for p in probs]
         from pathray.models.detection import decode_points
 
         return decode_points(outputs.float().sigmoid(), self.spec.peak_threshold)
@@ -212,7 +224,7 @@ class Predictor:
                 outputs = self._forward(batch)
                 if self.spec.has_map:
                     parts.append(window_means(self._probs(outputs), plan, xs, ys))
-                else:
+                if self.spec.has_points:
                     points.append(self._level0_points(plan, self._points(outputs), xs, ys))
                 done += len(batch)
             predict += time.perf_counter() - t1
@@ -239,13 +251,13 @@ class Predictor:
         self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray]
     ) -> ChunkResult:
         n = len(chunk)
+        pts = (np.concatenate(points) if points else np.zeros((0, 5))) if self.spec.has_points else None
         if not self.spec.has_map:
             rows, cols, _ = map_windows(plan, chunk.xs, chunk.ys)
             hs, ws = window_counts(plan, chunk.ys, rows), window_counts(plan, chunk.xs, cols)
-            pts = np.concatenate(points) if points else np.zeros((0, 5))
             return ChunkResult(chunk.index, n, rows, cols, hs, ws, points=pts)
         k = max(int(p[0].shape[-1]) for p in parts) if parts else 1
         probs = [torch.nn.functional.pad(p[0], (0, k - p[0].shape[-1], 0, k - p[0].shape[-2])) for p in parts]
         cat = torch.cat(probs).to(torch.float16).cpu().numpy() if probs else None
         rows, cols, hs, ws = (np.concatenate([p[i] for p in parts]) for i in range(1, 5))
-        return ChunkResult(chunk.index, n, rows, cols, hs, ws, probs=cat)
+        return ChunkResult(chunk.index, n, rows, cols, hs, ws, probs=cat, points=pts)

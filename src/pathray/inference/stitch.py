@@ -113,7 +113,7 @@ class Stitcher:
             result.class_map = self.class_map()
             result.areas_mm2 = class_areas_mm2(result.class_map, spec.classes, plan.out_mpp)
             result.gleason = gleason_score(result.areas_mm2, plan.min_region_um2 / 1e6)
-        else:
+        if spec.has_points:
             pts = self.points()
             names = spec.point_classes
             result.points = [
@@ -121,6 +121,7 @@ class Stitcher:
                 for x, y, k, s in pts
             ]
             result.counts = {n: int((pts[:, 2] == i).sum()) for i, n in enumerate(names)}
+        if not spec.has_map:
             d = plan.downsample
             point_map = np.full(plan.map_shape, NO_DATA, np.uint8)
             r = np.clip((pts[:, 1] / d).astype(np.int64), 0, plan.map_shape[0] - 1)

@@ -66,6 +66,23 @@ def postprocess_instances(
     return np.searchsorted(ids[ids > 0], labels, side="right").astype(np.int32) * (labels > 0)
 
 
+def instance_centroids(foreground: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` float32 ``(x, y, 0, score)`` of one tile's instances (``postprocess_instances``):
+    the centroid in tile px (pixel centres at +0.5, as detections decode) and the mean foreground
+    probability over the instance as its score."""
+    labels = postprocess_instances(foreground, distance)
+    n = int(labels.max())
+    if not n:
+        return np.zeros((0, 4), np.float32)
+    flat = labels.ravel()
+    ys, xs = np.divmod(np.arange(flat.size), labels.shape[1])
+    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    cx = np.bincount(flat, xs, minlength=n + 1)[1:] / area + 0.5
+    cy = np.bincount(flat, ys, minlength=n + 1)[1:] / area + 0.5
+    score = np.bincount(flat, foreground.ravel(), minlength=n + 1)[1:] / area
+    return np.column_stack([cx, cy, np.zeros(n), score]).astype(np.float32)
+
+
 def instance_counts(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[int, int, int, float]:
     """``(tp, fp, fn, sum of matched IoU)``: pairs with IoU above ``iou`` (0.5: at most one each)."""
     _, t = np.unique(true, return_inverse=True)
