@@ -121,14 +121,14 @@ class Stitcher:
                 for x, y, k, s in pts
             ]
             result.counts = {n: int((pts[:, 2] == i).sum()) for i, n in enumerate(names)}
-        if not spec.has_map:
-            d = plan.downsample
-            point_map = np.full(plan.map_shape, NO_DATA, np.uint8)
-            r = np.clip((pts[:, 1] / d).astype(np.int64), 0, plan.map_shape[0] - 1)
-            c = np.clip((pts[:, 0] / d).astype(np.int64), 0, plan.map_shape[1] - 1)
-            point_map[r, c] = pts[:, 2].astype(np.uint8)
-            result.point_map = point_map
-            result.areas_mm2 = {"analysed": float(self._covered.sum()) * (plan.out_mpp / 1000.0) ** 2}
+            if not spec.has_map:  # detections only: the points are the map
+                d = plan.downsample
+                point_map = np.full(plan.map_shape, NO_DATA, np.uint8)
+                r = np.clip((pts[:, 1] / d).astype(np.int64), 0, plan.map_shape[0] - 1)
+                c = np.clip((pts[:, 0] / d).astype(np.int64), 0, plan.map_shape[1] - 1)
+                point_map[r, c] = pts[:, 2].astype(np.uint8)
+                result.point_map = point_map
+                result.areas_mm2 = {"analysed": float(self._covered.sum()) * (plan.out_mpp / 1000.0) ** 2}
         timings["stitch_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - self.started
         result.timings = timings
