@@ -43,6 +43,32 @@ def test_fraction_is_in_level0_pixels_and_weights_partial_pixels():
     assert mask.fraction(8, 8, 96, 144) == pytest.approx((80 - 8) / 96)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fractions_of_many_boxes_equal_fraction_of_each(seed):
+    """The grid's vectorised fractions are the scalar ones, bit for bit: unaligned, partly outside,
+    smaller than a mask pixel, and off the slide."""
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        mask = TissueMask(
+            rng.random(rng.integers(1, 50, 2)) < rng.random(), float(rng.choice([1, 3.5, 16])), None
+        )
+        h, w = mask.shape
+        xs = rng.integers(-300, int(w * mask.downsample) + 50, 200)
+        ys = rng.integers(-300, int(h * mask.downsample) + 50, 200)
+        bw, bh = rng.uniform(0.5, 400, 2)
+        want = [mask.fraction(int(x), int(y), bw, bh) for x, y in zip(xs, ys, strict=True)]
+        assert np.array_equal(mask.fractions(xs, ys, bw, bh), want)
+    m = np.zeros((10, 10), bool)
+    m[:, :5] = True
+    half = TissueMask(m, downsample=16.0, mpp=4.0)
+    assert half.fractions(np.array([0, 72, 8, 10_000]), np.array([0, 0, 8, 0]), 96, 144).tolist() == [
+        pytest.approx(80 / 96),
+        pytest.approx(8 / 96),
+        pytest.approx((80 - 8) / 96),
+        0.0,
+    ]
+
+
 def test_real_slide_mask_has_its_scale(testdata):
     slide = open_slide(testdata / "aperio/CMU-1-Small-Region.svs", cache=False)
     mask = tissue_mask(slide)

@@ -112,7 +112,7 @@ def plan_grid(
         )
     )
     regions = SlideRegions(slide.uri, width, height, slide.mpp, mask)
-    coords = sampler.sample(regions)
+    xs, ys = sampler.positions(regions)
     extent = regions.extent(spec.tile_size, spec.tile_mpp)
     stride = max(1, int(round(extent * (1.0 - config.overlap))))
     d = config.out_mpp / slide.mpp
@@ -126,8 +126,8 @@ def plan_grid(
         tile_mpp=spec.tile_mpp,
         extent=extent,
         stride=stride,
-        xs=np.asarray([c.x for c in coords], np.int64),
-        ys=np.asarray([c.y for c in coords], np.int64),
+        xs=np.asarray(xs, np.int64),
+        ys=np.asarray(ys, np.int64),
         out_mpp=config.out_mpp,
         map_shape=(math.ceil(height / d), math.ceil(width / d)),
         min_region_um2=config.min_region_um2,

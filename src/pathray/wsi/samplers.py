@@ -226,11 +226,18 @@ class TissueGridSampler:
         self, slide: SlideRegions, rng: np.random.Generator | None = None, n: int | None = None
     ) -> list[TileCoord]:
         mpp = self.config.mpps[0]
-        extent = slide.extent(self.config.size, mpp)
+        xs, ys = self.positions(slide)
+        return [TileCoord(slide.slide_id, x, y, mpp, self.config.size) for x, y in zip(xs, ys, strict=True)]
+
+    def positions(self, slide: SlideRegions) -> tuple[list[int], list[int]]:
+        """Level-0 top-left corners of the kept grid tiles, in row-major order."""
+        extent = slide.extent(self.config.size, self.config.mpps[0])
         stride = max(1, int(round(extent * (1.0 - self.config.overlap))))
-        out = []
-        for y in range(0, max(1, slide.height - extent + stride), stride):
-            for x in range(0, max(1, slide.width - extent + stride), stride):
-                if slide.mask.fraction(x, y, extent, extent) >= self.config.min_tissue:
-                    out.append(TileCoord(slide.slide_id, x, y, mpp, self.config.size))
-        return out
+        gy, gx = np.meshgrid(
+            np.arange(0, max(1, slide.height - extent + stride), stride),
+            np.arange(0, max(1, slide.width - extent + stride), stride),
+            indexing="ij",
+        )
+        gx, gy = gx.ravel(), gy.ravel()
+        keep = slide.mask.fractions(gx, gy, extent, extent) >= self.config.min_tissue
+        return gx[keep].tolist(), gy[keep].tolist()
