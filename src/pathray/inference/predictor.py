@@ -116,10 +116,10 @@ class Predictor:
 
     # -- tiles --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, images: np.ndarray) -> Any:
-        x = torch.from_numpy(np.ascontiguousarray(images))
+    def _forward(self, images: np.ndarray | torch.Tensor) -> Any:
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         ):
@@ -180,7 +180,11 @@ class Predictor:
             slide = open_slide(slide, storage)
         chunks = list(chunks)
         workers = max(1, min(self.config.compute_threads, len(chunks)))
-        with TileReader(slide, plan, chunks, self.config.read_threads, self.config.read_batch) as reader:
+        cuda = self.device.type == "cuda"
+        cfg = self.config
+        with TileReader(
+            slide, plan, chunks, cfg.read_threads, cfg.read_batch, cfg.batch_size, cuda
+        ) as reader:
             if workers == 1:
                 for chunk in chunks:
                     yield self._run_chunk(plan, chunk, reader)
@@ -208,25 +212,17 @@ class Predictor:
         wait = predict = 0.0
         parts: list[Any] = []
         points: list[np.ndarray] = []
-        buffer: list[np.ndarray] = []
-        done, bs = 0, self.config.batch_size
-        for tiles, waited in reader.batches(chunk.index):
+        done = 0
+        for batch, waited in reader.batches(chunk.index):  # whole batches, already in their buffer
             wait += waited
-            buffer.append(tiles)
-            buffered = sum(len(b) for b in buffer)
-            if buffered < bs and done + buffered < len(chunk):
-                continue
-            images, buffer = np.concatenate(buffer), []
             t1 = time.perf_counter()
-            for s in range(0, len(images), bs):
-                batch = images[s : s + bs]
-                xs, ys = chunk.xs[done : done + len(batch)], chunk.ys[done : done + len(batch)]
-                outputs = self._forward(batch)
-                if self.spec.has_map:
-                    parts.append(window_means(self._probs(outputs), plan, xs, ys))
-                if self.spec.has_points:
-                    points.append(self._level0_points(plan, self._points(outputs), xs, ys))
-                done += len(batch)
+            xs, ys = chunk.xs[done : done + len(batch)], chunk.ys[done : done + len(batch)]
+            outputs = self._forward(batch)
+            if self.spec.has_map:
+                parts.append(window_means(self._probs(outputs), plan, xs, ys))
+            if self.spec.has_points:
+                points.append(self._level0_points(plan, self._points(outputs), xs, ys))
+            done += len(batch)
             predict += time.perf_counter() - t1
         result = self._assemble(plan, chunk, parts, points)
         result.timings = {"read_wait_s": wait, "predict_s": predict, "total_s": time.perf_counter() - t0}

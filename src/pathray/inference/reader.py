@@ -1,24 +1,66 @@
-"""Reader threads that cut a plan's tiles ahead of the model, chunk by chunk, with bounded look-ahead."""
+"""Reader threads that cut a plan's tiles ahead of the model, straight into whole model batches."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pathray.inference.grid import Chunk, GridPlan
 from pathray.wsi.slide import Slide
 
 
-class TileReader:
-    """Reads the tiles of ``chunks`` in groups of ``read_batch`` on ``threads`` threads.
+class BatchBuffers:
+    """Reusable uint8 ``(batch, size, size, 3)`` arrays, so pages are touched once, not per batch.
 
-    Decoding (JPEG, resampling) releases the GIL, so threads overlap reading with the model's
-    forward pass; about ``lookahead`` groups are in flight, which bounds memory. Several model
+    With ``pinned`` (CUDA), every batch is a fresh page-locked tensor from torch's caching host
+    allocator instead: it hands a block out again only once the copies reading it have finished.
+    """
+
+    def __init__(self, batch: int, size: int, pinned: bool = False) -> None:
+        self.shape, self.pinned = (batch, size, size, 3), pinned
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> torch.Tensor:
+        if self.pinned:
+            return torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return torch.empty(self.shape, dtype=torch.uint8)
+
+    def put(self, buffer: torch.Tensor) -> None:
+        """Give back a batch whose pixels are no longer needed (after the forward pass)."""
+        if not self.pinned:
+            with self.lock:
+                self.free.append(buffer)
+
+
+@dataclass
+class _Batch:
+    buffer: torch.Tensor
+    n: int
+    parts: list[Future[None]]
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        return self.buffer[: self.n]
+
+
+class TileReader:
+    """Reads the tiles of ``chunks``, batch by batch, ``read_batch`` tiles per task on ``threads`` threads.
+
+    Each model batch (``batch`` tiles of one chunk) gets one buffer; reader threads write their
+    tiles into its rows, so a batch reaches the model without being stacked, concatenated or
+    copied again. Decoding (JPEG, resampling) releases the GIL, so threads overlap reading with
+    the forward pass; about ``lookahead`` tasks are in flight, which bounds memory. Several model
     threads may each consume a different chunk at once (``batches`` is thread-safe).
     """
 
@@ -29,55 +71,83 @@ class TileReader:
         chunks: list[Chunk],
         threads: int,
         read_batch: int,
+        batch: int,
+        pinned: bool = False,
         lookahead: int | None = None,
     ) -> None:
         self.slide, self.plan = slide, plan
         self.position = {c.index: i for i, c in enumerate(chunks)}
-        self.groups: deque[tuple[int, np.ndarray, np.ndarray]] = deque(
-            (i, c.xs[s : s + read_batch], c.ys[s : s + read_batch])
-            for i, c in enumerate(chunks)
-            for s in range(0, len(c), read_batch)
+        self.buffers = BatchBuffers(batch, plan.tile_size, pinned)
+        # (chunk position, batch start, tiles in batch): the order batches are read in
+        self.todo: deque[tuple[int, Chunk, int, int]] = deque(
+            (i, c, s, min(batch, len(c) - s)) for i, c in enumerate(chunks) for s in range(0, len(c), batch)
         )
+        self.read_batch = max(1, read_batch)
         self.lookahead = lookahead or 2 * threads + 2
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathray-tiles")
-        self.futures: dict[int, deque[Future[np.ndarray]]] = {}
+        self.queued: dict[int, deque[_Batch]] = {}
         self.inflight = 0
         self.lock = threading.Lock()
 
-    def _read(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    def _read(self, out: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> None:
         coords = [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
-        return np.stack(self.slide.read_batch(coords, self.plan.tile_size, self.plan.tile_mpp))
+        tiles = self.slide.read_batch(coords, self.plan.tile_size, self.plan.tile_mpp)
+        for row, tile in zip(out, tiles, strict=True):
+            row[...] = tile
+
+    def _submit(self, pos: int, chunk: Chunk, start: int, n: int) -> None:
+        buffer = self.buffers.get()
+        pixels = buffer.numpy()
+        submit: Callable[..., Future[None]] = self.pool.submit
+        spans = [(s, min(n, s + self.read_batch)) for s in range(0, n, self.read_batch)]
+        parts = [
+            submit(self._read, pixels[a:b], chunk.xs[start + a : start + b], chunk.ys[start + a : start + b])
+            for a, b in spans
+        ]
+        self.queued.setdefault(pos, deque()).append(_Batch(buffer, n, parts))
+        self.inflight += len(parts)
 
     def _top_up(self, through: int = -1) -> None:
-        """Submit groups while under the look-ahead, and every group of chunks up to ``through``."""
+        """Submit batches while under the look-ahead, and every batch of chunks up to ``through``."""
         with self.lock:
-            while self.groups and (self.inflight < self.lookahead or self.groups[0][0] <= through):
-                pos, xs, ys = self.groups.popleft()
-                self.futures.setdefault(pos, deque()).append(self.pool.submit(self._read, xs, ys))
-                self.inflight += 1
+            while self.todo and (self.inflight < self.lookahead or self.todo[0][0] <= through):
+                self._submit(*self.todo.popleft())
 
-    def batches(self, chunk_index: int) -> Iterator[tuple[np.ndarray, float]]:
-        """``(tiles, seconds waited for them)`` of chunk ``chunk_index``, in grid order."""
+    def batches(self, chunk_index: int) -> Iterator[tuple[torch.Tensor, float]]:
+        """``(uint8 (n, S, S, 3) tiles, seconds waited for them)`` of chunk ``chunk_index``, in grid order.
+
+        A batch's buffer is reused once the consumer asks for the next one: use it (or copy it) first.
+        """
         pos = self.position[chunk_index]
         self._top_up(through=pos)
+        previous: torch.Tensor | None = None
         while True:
             with self.lock:
-                queue = self.futures.get(pos)
+                queue = self.queued.get(pos)
                 if not queue:
-                    self.futures.pop(pos, None)
-                    return
-                future = queue.popleft()
-                self.inflight -= 1
-            self._top_up()
+                    self.queued.pop(pos, None)
+                    break
+                batch = queue.popleft()
             t0 = time.perf_counter()
-            tiles = future.result()
-            yield tiles, time.perf_counter() - t0
+            for part in batch.parts:
+                part.result()
+            waited = time.perf_counter() - t0
+            with self.lock:
+                self.inflight -= len(batch.parts)
+            self._top_up()
+            if previous is not None:
+                self.buffers.put(previous)
+            previous = batch.buffer
+            yield batch.tiles, waited
+        if previous is not None:
+            self.buffers.put(previous)
 
     def close(self) -> None:
         with self.lock:
-            for queue in self.futures.values():
-                for future in queue:
-                    future.cancel()
+            for queue in self.queued.values():
+                for batch in queue:
+                    for part in batch.parts:
+                        part.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> TileReader:
