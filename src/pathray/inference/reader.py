@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,10 +98,11 @@ class TileReader:
     def _submit(self, pos: int, chunk: Chunk, start: int, n: int) -> None:
         buffer = self.buffers.get()
         pixels = buffer.numpy()
-        submit: Callable[..., Future[None]] = self.pool.submit
         spans = [(s, min(n, s + self.read_batch)) for s in range(0, n, self.read_batch)]
         parts = [
-            submit(self._read, pixels[a:b], chunk.xs[start + a : start + b], chunk.ys[start + a : start + b])
+            self.pool.submit(
+                self._read, pixels[a:b], chunk.xs[start + a : start + b], chunk.ys[start + a : start + b]
+            )
             for a, b in spans
         ]
         self.queued.setdefault(pos, deque()).append(_Batch(buffer, n, parts))
