@@ -225,7 +225,7 @@ def serve_cmd(
     except KeyboardInterrupt:
         from pathray.serving.run import stop_app
 
-        stop_app(cfg)
+        stop_app(cfg, ray_ends=True)
         typer.echo("stopped")
 
 

@@ -58,7 +58,7 @@ def serve_and_analyze(
 
             summary = analyze_remote(url, slide_uri, model_id, out / "analysis", progress=advance)
     finally:
-        stop_app(cfg)
+        stop_app(cfg, ray_ends=True)  # the demo's Ray is shut down next
     summary["endpoint"] = url
     return summary
 
