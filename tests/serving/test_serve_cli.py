@@ -1,10 +1,18 @@
-"""`pathray serve` refuses bad configs with one line and exit code 2, before starting anything."""
+"""`pathray serve`: bad configs get one line and exit code 2 before anything starts; a good one
+serves on 127.0.0.1 until Ctrl-C, then stops quietly and leaves no process behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
+
+import pytest
 
 PATHRAY = [sys.executable, "-m", "pathray.cli"]
 
@@ -29,3 +37,70 @@ def test_bad_keys_and_bounds_name_the_key(tmp_path):
     Path(cfg).write_text("serve:\n  colour: blue\n")
     out = run("serve", str(cfg))
     assert out.returncode == 2 and "serve.colour" in out.stderr and "Traceback" not in out.stderr
+
+
+def _pids(pattern: str) -> set[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_answers_until_ctrl_c_then_stops_quietly(tmp_path):
+    import httpx
+    import yaml
+
+    from pathray.config import load_config
+    from pathray.models.package import save_model_package
+    from pathray.models.task_model import build_model
+
+    model_cfg = load_config(None, ["engine.name=debug_cnn"])
+    model, _ = build_model(model_cfg)
+    save_model_package(str(tmp_path / "models" / "tiny"), model_cfg, model.state_dict())
+    config = {
+        "serve": {
+            "models": str(tmp_path / "models"),
+            "output": str(tmp_path / "out"),
+            "http": {"host": "127.0.0.1", "port": 0},
+            "model": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+            "security": {"allowed_prefixes": [f"file://{tmp_path}/slides/"]},
+        }
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    own = tempfile.mkdtemp(prefix="prs", dir="/tmp")  # its Ray session: processes naming it are its own
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [*PATHRAY, "serve", str(tmp_path / "serve.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env, "TMPDIR": own, "RAY_TMPDIR": own, "COLUMNS": "200"},
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving on "):
+                ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(180), "".join(lines)[-3000:]
+        url = next(line for line in lines if line.startswith("serving on ")).split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()
+        assert "tiny" in str(models), models
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        reader.join(timeout=30)
+        out = "".join(lines)
+        assert "stopped" in out and "graceful_shutdown failed" not in out, out[-3000:]
+        assert not _pids(own), f"pathray serve left processes running: {_pids(own)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(own, ignore_errors=True)
