@@ -210,23 +210,26 @@ def serve_cmd(
     config: Annotated[Path, typer.Argument(help="serve config (YAML): stores, http, deployments, security")],
     overrides: SetOpt = None,
 ) -> None:
-    """Serve whole-slide analysis over HTTP on Ray Serve (local Ray unless RAY_ADDRESS); Ctrl-C stops."""
+    """Serve whole-slide analysis over HTTP on Ray Serve (local Ray unless RAY_ADDRESS); Ctrl-C or
+    SIGTERM (what Kubernetes and systemd send) takes the app down and exits 0."""
+    import signal
     import time
 
     from pathray.serving.app import load_app_config
-    from pathray.serving.run import start_app
+    from pathray.serving.run import start_app, stop_app
 
     cfg = load_app_config({"config": str(config), "set": overrides or []})
     url = start_app(cfg)
+    # After start_app: ray.init sets its own SIGTERM handler (exit at once, app left behind), and
+    # a process started in the background inherits SIGINT ignored.
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     typer.echo(f"serving on {url}  (API docs: {url}/docs, models from {cfg.serve.models})")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from pathray.serving.run import stop_app
-
-        stop_app(cfg, ray_ends=True)
-        typer.echo("stopped")
+    while not received:
+        time.sleep(0.5)
+    stop_app(cfg, ray_ends=True)
+    typer.echo("stopped")
 
 
 @app.command("demo")
