@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,3 +63,27 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def own_tmp() -> Iterator[str]:
+    """A short TMPDIR for a command under test: its SeaweedFS data and Ray session live under it,
+    so processes naming it are the command's own (other Ray instances on the machine are not)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="prd", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def own_pids(own_tmp: str) -> Callable[[], set[int]]:
+    """``own_pids()``: the processes whose command line names ``own_tmp``, i.e. those left behind."""
+    import subprocess
+
+    def pids() -> set[int]:
+        out = subprocess.run(["pgrep", "-f", own_tmp], capture_output=True, text=True)
+        return {int(p) for p in out.stdout.split()}
+
+    return pids

@@ -15,25 +15,8 @@ from PIL import Image
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def pids(pattern: str) -> set[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
-@pytest.fixture
-def own_tmp():
-    """A short TMPDIR of the demo's own: its SeaweedFS data and Ray session live under it, so
-    processes naming it are the demo's (other Ray instances on the machine are not)."""
-    import shutil
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="prd", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.parametrize(("store", "steps"), [("s3", 8), ("local", 0)])
-def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, store, steps):
+def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store, steps):
     out = subprocess.run(
         [
             sys.executable,
@@ -90,4 +73,4 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, store, steps):
         assert "analysis overlay.png:" in out.stdout and "serving demo-" in out.stdout
         # Taking Serve down is quiet: no task of Ray's reported failed on the console.
         assert "graceful_shutdown failed" not in out.stdout + out.stderr
-    assert not pids(own_tmp), f"the demo left processes running: {pids(own_tmp)}"
+    assert not own_pids(), f"the demo left processes running: {own_pids()}"

@@ -4,11 +4,9 @@ serves on 127.0.0.1 until SIGTERM or Ctrl-C, then stops quietly and leaves no pr
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,14 +38,9 @@ def test_bad_keys_and_bounds_name_the_key(tmp_path):
     assert out.returncode == 2 and "serve.colour" in out.stderr and "Traceback" not in out.stderr
 
 
-def _pids(pattern: str) -> set[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path):
+def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path, own_tmp, own_pids):
     import httpx
     import yaml
 
@@ -68,14 +61,13 @@ def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path):
         }
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    own = tempfile.mkdtemp(prefix="prs", dir="/tmp")  # its Ray session: processes naming it are its own
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [*PATHRAY, "serve", str(tmp_path / "serve.yaml")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**env, "TMPDIR": own, "RAY_TMPDIR": own, "COLUMNS": "200"},
+        env={**env, "TMPDIR": own_tmp, "RAY_TMPDIR": own_tmp, "COLUMNS": "200"},
     )
     lines: list[str] = []
     ready = threading.Event()
@@ -102,10 +94,9 @@ def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path):
         assert "stopped" in out and "graceful_shutdown failed" not in out, out[-3000:]
         # Ray's own workers notice their raylet is gone within seconds of the command's exit.
         deadline = time.monotonic() + 30
-        while _pids(own) and time.monotonic() < deadline:
+        while own_pids() and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _pids(own), f"pathray serve left processes running: {_pids(own)}"
+        assert not own_pids(), f"pathray serve left processes running: {own_pids()}"
     finally:
         if proc.poll() is None:
             proc.kill()
-        shutil.rmtree(own, ignore_errors=True)

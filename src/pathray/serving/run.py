@@ -36,8 +36,8 @@ def start_app(cfg: ServeAppConfig) -> str:
 def stop_app(cfg: ServeAppConfig, ray_ends: bool = False) -> None:
     """Take the app down: all of Serve on a local Ray, only this app on a shared cluster.
 
-    ``ray_ends``: the caller's local Ray is shut down right after (the demo, ``pathray serve`` on
-    Ctrl-C), so only the app is deleted and Serve's controller goes with Ray. ``serve.shutdown``
+    ``ray_ends``: the caller's local Ray is shut down right after (the demo, ``pathray serve`` when
+    stopped), so only the app is deleted and Serve's controller goes with Ray. ``serve.shutdown``
     kills the controller while its own shutdown call is in flight, which Ray prints on the
     console as a failed ``ServeController.graceful_shutdown`` task.
     """
