@@ -42,13 +42,20 @@ def stream_config(tiles_per_slide: int) -> Any:
     return StreamConfig(sampler={"kind": "random_tissue", "tiles_per_slide": tiles_per_slide})
 
 
+def segmentation() -> Any:
+    """The task the stream cuts targets for: Gleason segmentation, as the shipped projects."""
+    from pathray.models.tasks import build_task
+
+    return build_task({"name": "segmentation"})
+
+
 def _plain_worker(args: tuple[list[dict], Any, Any]) -> int:
     """One plain process: the stream's own functions, called in a loop."""
     from pathray.datasets.stream import TileReader, sample_slide
-    from pathray.wsi.tissue import TissueConfig
+    from pathray.wsi.patching.tissue import TissueConfig
 
     rows, config, storage = args
-    reader = TileReader(config, storage)
+    reader = TileReader(config, segmentation(), storage)
     done, first = 0, None
     for row in rows:
         coords = sample_slide(row, config, storage, TissueConfig(), worker=0, faults=None)
@@ -135,7 +142,7 @@ def stream(manifest: Any, config: Any, storage: Any) -> Rates:
 
     with PeakMemory() as mem:
         t0 = time.time()
-        ds = build_tile_dataset(manifest, config, storage, split="train")
+        ds = build_tile_dataset(manifest, config, segmentation(), storage, split="train")
         total, first = 0, None
         for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
             n = len(batch["x"])

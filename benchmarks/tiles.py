@@ -45,8 +45,8 @@ def ensure_slide(workdir: Path, size: int, seed: int) -> Path:
 
 def random_regions(path: Path, n: int, extent: int, seed: int) -> list[tuple[int, int]]:
     """Top-left corners (level 0) of regions that are mostly tissue."""
-    from pathray.wsi.open import open_slide
-    from pathray.wsi.tissue import tissue_mask
+    from pathray.wsi.backends.open import open_slide
+    from pathray.wsi.patching.tissue import tissue_mask
 
     slide = open_slide(path, cache=False)
     mask = tissue_mask(slide)
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     import openslide
 
     from pathray.cluster.local import LocalObjectStore
-    from pathray.wsi.levels import select_level
-    from pathray.wsi.open import open_slide
+    from pathray.wsi.backends.levels import select_level
+    from pathray.wsi.backends.open import open_slide
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = ensure_slide(args.workdir, args.size, args.seed)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return len(coords)
 
     # The decode bound: only decoding the JPEG tiles each region touches, bytes already in memory.
-    from pathray.wsi.tiff_backend import TiledLevel
+    from pathray.wsi.backends.tiff import TiledLevel
 
     lv: TiledLevel = local._tiled[level]  # type: ignore[attr-defined]
     ds = local.level_downsamples[level]

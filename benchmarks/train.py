@@ -6,7 +6,7 @@
     python benchmarks/train.py --device cuda                     # GPU only: bf16, batch 64, CPUs-2 producers
 
 Each engine (``foundation``: ViT-S/16, ``cnn``: ResNet-50 U-Net; ``--engines``/``--models`` change
-them) is built from ``configs/gleason-<engine>.yaml`` by the training code (``make_learner``,
+them) is built from ``configs/gleason-<engine>.yaml`` by the training code (``build_learner``,
 ``build_optimizer``) and trained for segmentation in this process, without Ray Train, on tiles
 cut from a few synthetic slides. On CPU the tiles come from the real Ray Data stream
 (``build_tile_dataset(...).iter_torch_batches``, local Ray with ``--ray-cpus``); on a GPU, or
@@ -75,7 +75,13 @@ def ray_batches(manifest: Any, cfg: Any, batch: int) -> Iterator[dict[str, Any]]
     epoch = 0
     while True:
         ds = build_tile_dataset(
-            manifest, cfg.data.stream, cfg.storage, split="train", epoch=epoch, tissue=cfg.tissue
+            manifest,
+            cfg.data.stream,
+            cfg.task_spec(),
+            cfg.storage,
+            split="train",
+            epoch=epoch,
+            tissue=cfg.tissue,
         )
         delivered = False
         for item in ds.iter_torch_batches(
@@ -110,9 +116,10 @@ def time_training(learner: Any, cfg: Any, batches: Any, device: Any, warmup: int
     read back) over ``warmup + steps`` batches; returns (wall s, data-wait s) of the last ``steps``."""
     import torch
 
+    from pathray.training.learners import WorkerJob
     from pathray.training.loop import build_optimizer
 
-    optimizer, scheduler = build_optimizer(learner.model, cfg)
+    optimizer, scheduler = build_optimizer(learner.model, WorkerJob.from_project(cfg))
     bf16 = device.type == "cuda" and cfg.scale.precision == "bf16"
     window = learner.task.metrics()
     learner.trainable.train()
@@ -166,7 +173,7 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
     """Inference of every engine first (a quiet device), then training fed by Ray Data or producers."""
     import torch
 
-    from pathray.training.loop import make_learner
+    from pathray.training.learners import WorkerJob, build_learner
 
     device = torch.device(name)
     gpu = device.type == "cuda"
@@ -182,7 +189,7 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
         tiles = (warmup + steps + 1) * batch + (cfg.train.shuffle_buffer if use_ray else 0)
         cfg.data.stream.sampler.tiles_per_slide = math.ceil(1.25 * tiles / n_slides)
         torch.manual_seed(0)
-        learner = make_learner(cfg)
+        learner = build_learner(WorkerJob.from_project(cfg))
         learner.model.to(device)
         row = Row(engine, cfg.engine.model or "(default)", name, infer_batch=batch)
         row.infer_s = time_inference(learner.model, batch, args.size, device, args.infer_warmup, args.iters)

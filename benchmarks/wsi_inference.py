@@ -55,15 +55,18 @@ def model_package(cache: Path, overrides: list[str], name: str) -> str:
     import torch
 
     from pathray.config import load_config
-    from pathray.models.package import save_model_package
+    from pathray.models.package import WEIGHTS_FILE, package_model, save_model_package
     from pathray.models.task_model import build_model
 
     uri = cache / name
-    if not (uri / "model.pt").exists():
+    if not (uri / WEIGHTS_FILE).exists():
         torch.manual_seed(0)
         cfg = load_config(None, overrides)
-        model, _ = build_model(cfg)
-        save_model_package(str(uri), cfg, model.state_dict())
+        model, _ = build_model(cfg.engine, cfg.task)
+        sampler = cfg.data.stream.sampler
+        save_model_package(
+            str(uri), package_model(model, cfg.engine, cfg.task, sampler.size, sampler.mpps[0])
+        )
     return str(uri)
 
 
@@ -122,7 +125,7 @@ def cpu_rounds(args: argparse.Namespace, uri: str, storage: Any, package: str) -
     from pathray.inference.config import InferenceConfig
     from pathray.inference.grid import plan_grid
     from pathray.inference.predictor import Predictor
-    from pathray.wsi.open import open_slide
+    from pathray.wsi.backends.open import open_slide
 
     config = InferenceConfig(
         batch_size=args.batch_size,
@@ -187,7 +190,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     from pathray.inference.config import InferenceConfig
     from pathray.inference.grid import plan_grid
     from pathray.inference.predictor import Predictor
-    from pathray.wsi.open import open_slide
+    from pathray.wsi.backends.open import open_slide
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

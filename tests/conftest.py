@@ -10,7 +10,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pathray.cluster.local import LocalObjectStore
-    from pathray.wsi.storage import StorageConfig
+    from pathray.storage import StorageConfig
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "slides"
 
@@ -18,11 +18,15 @@ TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / 
 def pytest_configure(config: pytest.Config) -> None:
     """Caches (slide copies, tissue masks) go to a temp dir, not the user's home; Ray inherits it."""
     import os
+    import secrets
     import tempfile
 
     os.environ.setdefault("PATHRAY_CACHE", tempfile.mkdtemp(prefix="pathray-test-cache-"))
     # 2 cores shared with Ray workers and SeaweedFS: one torch thread avoids oversubscription.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The Serve tests' bearer token, in the environment the local Ray's replicas inherit (a token in
+    # a config is never stored with an app: replicas read `serve.security.token_env`).
+    os.environ.setdefault("PATHRAY_TEST_SERVE_TOKEN", "test-token-" + secrets.token_hex(8))
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +56,12 @@ def testdata() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray for the session, on 127.0.0.1, without dashboard or progress bars."""
+def ray_local(object_store: LocalObjectStore) -> Iterator[None]:
+    """One local Ray for the session, on 127.0.0.1, without dashboard or progress bars.
+
+    Started after the object store, whose credentials are in this process's environment by then:
+    Ray's workers inherit them there, as they would on a cluster, and no config carries them.
+    """
     import ray
 
     from pathray.cluster.ray_local import ensure_ray
@@ -87,3 +95,24 @@ def own_pids(own_tmp: str) -> Callable[[], set[int]]:
         return {int(p) for p in out.stdout.split()}
 
     return pids
+
+
+@pytest.fixture(scope="session")
+def save_package() -> Callable[..., str]:
+    """``save_package(uri, *overrides, storage=None, meta=None)``: a freshly initialised model of a
+    project config (default engine debug_cnn) written as a model package; returns ``uri``."""
+
+    def save(
+        uri: str, *overrides: str, storage: StorageConfig | None = None, meta: dict | None = None
+    ) -> str:
+        from pathray.config import load_config
+        from pathray.models.package import package_model, save_model_package
+        from pathray.models.task_model import build_model
+
+        cfg = load_config(None, ["engine.name=debug_cnn", *overrides])
+        model, _ = build_model(cfg.engine, cfg.task)
+        sampler = cfg.data.stream.sampler
+        package = package_model(model, cfg.engine, cfg.task, sampler.size, sampler.mpps[0], meta)
+        return save_model_package(str(uri), package, storage)
+
+    return save

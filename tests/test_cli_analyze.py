@@ -21,29 +21,27 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def package_and_slides(tmp_path_factory) -> tuple[str, list[Path]]:
+def package_and_slides(tmp_path_factory, save_package) -> tuple[str, list[Path]]:
     """A debug_cnn segmentation package (random weights) and two small synthetic slides."""
-    from pathray.config import load_config
-    from pathray.models.package import save_model_package
-    from pathray.models.task_model import build_model
     from pathray.wsi.synth import SynthConfig, write_synthetic_slides
 
     out = tmp_path_factory.mktemp("analyze")
-    cfg = load_config(None, ["engine.name=debug_cnn", "task.name=segmentation"])
-    model, _ = build_model(cfg)
-    package = save_model_package(str(out / "model"), cfg, model.state_dict())
+    package = save_package(out / "model", "task.name=segmentation")
     slides = write_synthetic_slides(out / "slides", n=2, seed=5, config=SynthConfig(size=3072))
     return package, [s.path for s in slides]
 
 
 def test_analyze_one_slide_in_process(package_and_slides, tmp_path):
     package, slides = package_and_slides
-    out = run("analyze", str(slides[0]), "--model", package, "--out", str(tmp_path / "res"))
+    # the inference section is set like any other (--set), and the named flags are its shorthands
+    args = ["--set", "inference.out_mpp=8", "--set", "inference.batch_size=16", "--device", "cpu"]
+    out = run("analyze", str(slides[0]), "--model", package, "--out", str(tmp_path / "res"), *args)
     assert out.returncode == 0, out.stderr
     for name in ("overlay.png", "mask.png", "annotations.geojson", "summary.json"):
         assert (tmp_path / "res" / name).is_file()
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert summary["tiles"] > 0 and summary["tiles_done"] == summary["tiles"]
+    assert summary["out_mpp"] == 8.0
     assert set(summary["areas_mm2"]) == {"Background", "Benign", "G3", "G4", "G5"}
     assert f"{summary['tiles']}/{summary['tiles']}" in out.stderr  # the progress bar reached the end
 

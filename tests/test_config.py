@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pathray.config import ConfigError, PathrayConfig, apply_override, dump_config, load_config
+from pathray.config import PathrayConfig, dump_config, load_config
+from pathray.section import ConfigError, apply_override
 
 
 def test_defaults():
@@ -29,7 +30,7 @@ def test_env_interpolation(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("PR_TEST_KEY", "k")
     cfg = load_config(path)
-    assert cfg.storage.endpoint_url == "http://127.0.0.1:1" and cfg.storage.key == "k"
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:1" and cfg.storage.key.get_secret_value() == "k"
     monkeypatch.setenv("PR_TEST_ENDPOINT", "http://127.0.0.1:2")
     assert load_config(path).storage.endpoint_url == "http://127.0.0.1:2"
     monkeypatch.delenv("PR_TEST_KEY")
@@ -57,3 +58,56 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_the_task_section_is_validated_by_the_task_it_names():
+    cfg = load_config(None, ["task.name=detection", "task.classes=[a, b]", "task.max_points=8"])
+    assert type(cfg.task).__name__ == "DetectionConfig" and cfg.task.classes == ["a", "b"]
+    assert cfg.task_spec().point_classes == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"task: .*dice_weight: Extra inputs are not permitted"):
+        load_config(None, ["task.name=detection", "task.dice_weight=1"])  # a segmentation field
+    with pytest.raises(ConfigError, match="unknown task 'segmentaton'; known: classification, detection"):
+        load_config(None, ["task.name=segmentaton"])
+    again = load_config(None, ["task.name=instance", "task.source=detections"])
+    assert PathrayConfig.model_validate(again.model_dump()).task == again.task  # dumps keep the task
+
+
+def test_classes_are_named_once_in_the_task_not_in_the_stream():
+    with pytest.raises(ConfigError, match="data.stream.target is gone"):
+        load_config(None, ["data.stream.target.task=segmentation"])
+
+
+def test_engine_defaults_come_with_the_engine_and_the_project_wins(tmp_path):
+    cnn = load_config(None, ["engine.name=cnn"])
+    assert (cnn.data.stream.sampler.size, cnn.optim.lr, cnn.train.batch_size) == (256, 1e-3, 16)
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  name: cnn\noptim:\n  lr: 0.5\n")
+    assert load_config(path).optim.lr == 0.5 and load_config(path).train.batch_size == 16
+    with pytest.raises(ConfigError, match="unknown engine 'vit'; known: cnn, debug_cnn, debug_vit"):
+        load_config(None, ["engine.name=vit"])
+
+
+def test_the_vit_input_size_is_the_tile_the_model_sees():
+    assert load_config(None, ["data.stream.sampler.size=96"]).engine.img_size == 96
+    ssl = ["task.name=ssl", "data.stream.sampler.size=256", "data.stream.augment.global_size=160"]
+    assert load_config(None, ssl).engine.img_size == 160  # a global crop, not the tile
+    assert load_config(None, ["engine.img_size=112"]).engine.img_size == 112  # set: kept
+
+
+def test_the_root_sections_are_named_where_every_part_sees_them():
+    from pathray.section import ROOT_SECTIONS
+
+    assert set(ROOT_SECTIONS) == set(PathrayConfig.model_fields)
+
+
+def test_one_loader_for_project_and_serve_configs(tmp_path):
+    from pathray.serving.config import ServeAppConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  name: cnn\nserve:\n  models: /m\ninference:\n  batch_size: 7\n")
+    serve = load_config(path, ["inference.overlap=0.25"], model=ServeAppConfig)
+    assert serve.serve.models == "/m" and serve.inference.batch_size == 7 and serve.inference.overlap == 0.25
+    assert load_config(path, ["inference.batch_size=9"]).inference.batch_size == 9
+    path.write_text("serv:\n  models: /m\n")
+    with pytest.raises(ConfigError, match="serv: Extra inputs are not permitted"):
+        load_config(path, model=ServeAppConfig)

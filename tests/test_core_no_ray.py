@@ -21,7 +21,7 @@ def core_modules() -> list[str]:
 
 def test_core_modules_exist():
     names = core_modules()
-    assert "pathray.wsi.open" in names and "pathray.wsi.tissue" in names
+    assert "pathray.wsi.backends.open" in names and "pathray.wsi.patching.tissue" in names
 
 
 def test_core_never_imports_ray():

@@ -35,8 +35,8 @@ def test_unknown_lists_known():
 
 
 def test_slide_backends_are_registered():
-    import pathray.wsi.open  # noqa: F401
-    import pathray.wsi.openslide_backend  # noqa: F401
-    import pathray.wsi.tiff_backend  # noqa: F401
+    import pathray.wsi.backends.open  # noqa: F401
+    import pathray.wsi.backends.openslide  # noqa: F401
+    import pathray.wsi.backends.tiff  # noqa: F401
 
     assert SLIDE_BACKENDS.names() == ["openslide", "tiffslide"]

@@ -17,7 +17,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pathray.config import ConfigError, PathrayConfig, load_config
+from pathray.config import PathrayConfig, load_config
+from pathray.section import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 slides_app = typer.Typer(no_args_is_help=True, help="Open, inspect and synthesise whole-slide images.")
@@ -40,16 +41,16 @@ def fail(message: str, code: int = 2) -> None:
 
 def friendly(func: F) -> F:
     """Turn pathray's own errors into one line on stderr with exit code 2."""
-    from pathray.wsi.errors import SlideError
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pathray.cluster.jobs import ClusterError
         from pathray.datasets.manifest import ManifestError
+        from pathray.storage import StorageError
 
         try:
             return func(*args, **kwargs)
-        except (SlideError, ConfigError, ManifestError, ClusterError) as exc:
+        except (StorageError, ConfigError, ManifestError, ClusterError) as exc:
             fail(str(exc))
 
     return wrapper  # type: ignore[return-value]
@@ -57,6 +58,15 @@ def friendly(func: F) -> F:
 
 def _config(config: Path | None, overrides: list[str] | None) -> PathrayConfig:
     return load_config(config, overrides or [])
+
+
+def _start_ray(storage: Any) -> None:
+    """Attach to ``RAY_ADDRESS`` or start a local Ray; credentials given in the config are put into
+    this process's environment first, where a local Ray's workers read them (never in their config)."""
+    from pathray.cluster.ray_local import ensure_ray
+
+    storage.export_env()
+    ensure_ray()
 
 
 @slides_app.command("info")
@@ -69,7 +79,7 @@ def slides_info(
     overrides: SetOpt = None,
 ) -> None:
     """Print a slide's dimensions, levels, mpp, vendor and reader."""
-    from pathray.wsi.open import open_slide
+    from pathray.wsi.backends.open import open_slide
 
     cfg = _config(config, overrides)
     slide = open_slide(uri, cfg.storage, mpp=mpp)
@@ -97,8 +107,8 @@ def slides_tissue(
     overrides: SetOpt = None,
 ) -> None:
     """Write the slide's tissue mask as a PNG (white: tissue)."""
-    from pathray.wsi.open import open_slide
-    from pathray.wsi.tissue import tissue_mask
+    from pathray.wsi.backends.open import open_slide
+    from pathray.wsi.patching.tissue import tissue_mask
 
     cfg = _config(config, overrides)
     slide = open_slide(uri, cfg.storage, mpp=mpp)
@@ -149,10 +159,9 @@ def data_preview(
     from pathray.datasets.preview import preview
 
     cfg = _config(config, overrides)
-    result = preview(cfg, n, out, epoch=epoch)
-    typer.echo(
-        f"{result['out']}: {result['tiles']} tiles ({cfg.data.stream.target.task}, split {cfg.data.split})"
-    )
+    _start_ray(cfg.storage)
+    result = preview(cfg.data, cfg.task_spec(), cfg.storage, cfg.tissue, n, out, epoch=epoch)
+    typer.echo(f"{result['out']}: {result['tiles']} tiles ({cfg.task.name}, split {cfg.data.split})")
     faults = result["faults"]
     for uri, cause in faults["failed_slides"].items():
         typer.echo(f"left out {uri}: {cause}", err=True)
@@ -172,6 +181,7 @@ def train(
     from pathray.training.trainer import run_training
 
     cfg = _config(config, overrides)
+    _start_ray(cfg.storage)
     result = run_training(cfg)
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
     for key, value in shown.items():
@@ -191,7 +201,11 @@ def experiment_cmd(
     overrides: SetOpt = None,
 ) -> None:
     """Run a grid of training runs (engines x training fractions x workers); write a table and plots."""
-    from pathray.training.experiment import run_experiment
+    from pathray.training.experiment import cell_configs, load_experiment, run_experiment
+
+    exp = load_experiment(config, overrides or [])
+    cells = cell_configs(exp, Path(exp.out) / exp.name)  # every cell is checked before Ray starts
+    _start_ray(cells[0].storage if cells else PathrayConfig().storage)
 
     def progress(done: int, total: int, name: str) -> None:
         typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
@@ -215,10 +229,12 @@ def serve_cmd(
     import signal
     import time
 
-    from pathray.serving.app import load_app_config
+    from pathray.serving.config import ServeAppConfig
     from pathray.serving.run import start_app, stop_app
 
-    cfg = load_app_config({"config": str(config), "set": overrides or []})
+    cfg = load_config(config, overrides or [], model=ServeAppConfig)
+    cfg.serve.security.export_env()
+    _start_ray(cfg.storage)
     url = start_app(cfg)
     # After start_app: ray.init sets its own SIGTERM handler (exit at once, app left behind), and
     # a process started in the background inherits SIGINT ignored.
@@ -245,7 +261,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="fine-tuning steps (DINO gets half); 0 skips training")] = 40,
 ) -> None:
     """Run pathray end to end on embedded defaults: nothing to set up but the install."""
-    from pathray.cluster.demo import DemoOptions, run_demo
+    from pathray.demo.run import DemoOptions, run_demo
 
     if store not in ("s3", "local"):
         fail(f"--store must be 's3' or 'local', not {store!r}")
@@ -281,12 +297,28 @@ def submit_cmd(
     pip: Annotated[list[str] | None, typer.Option("--pip", help="extra pip requirement")] = None,
     command: Annotated[str, typer.Option(help="pathray subcommand to run: train or experiment")] = "train",
 ) -> None:
-    """Submit `pathray train CONFIG` to a Ray cluster through the Jobs API; prints the job id."""
-    from pathray.cluster.jobs import Submission, submit
+    """Submit `pathray train CONFIG` (or `pathray experiment CONFIG`) to a Ray cluster through the Jobs
+    API; prints the job id. Storage credentials never travel with the job: the cluster has its own."""
+    from pathray.cluster.jobs import BASE_NAME, Submission, refuse_credentials, submit
     from pathray.cluster.jobs import wait as wait_for
 
-    _config(config, overrides)  # a wrong key fails here, not minutes later on the cluster
-    sub = Submission(config, command, overrides or [], working_dir, _key_values(env), pip or [])
+    overrides, variables = list(overrides or []), _key_values(env)
+    files: dict[str, Path] = {}
+    # A wrong key fails here, not minutes later on the cluster.
+    if command == "train":
+        storage = _config(config, overrides).storage
+    elif command == "experiment":
+        from pathray.training.experiment import cell_configs, load_experiment
+
+        exp = load_experiment(config, overrides)
+        cells = cell_configs(exp, Path(exp.out) / exp.name)
+        storage = cells[0].storage if cells else PathrayConfig().storage
+        files[BASE_NAME] = Path(exp.base)  # the base project travels beside the experiment file
+        overrides.append(f"experiment.base={BASE_NAME}")
+    else:
+        fail(f"--command must be 'train' or 'experiment', not {command!r}")
+    refuse_credentials(overrides, variables, (storage.key_env, storage.secret_env))
+    sub = Submission(config, command, overrides, working_dir, variables, pip or [], files=files)
     job_id = submit(sub, address)
     typer.echo(f"submitted {job_id}")
     if wait:
@@ -362,9 +394,11 @@ def analyze_cmd(
         str | None, typer.Option(help="Parquet/CSV of slides (uri, slide_id): analyse all on Ray Data")
     ] = None,
     actors: Annotated[int, typer.Option(help="--manifest: predictor actors")] = 1,
-    out_mpp: Annotated[float, typer.Option(help="µm/px of the class map")] = 4.0,
-    batch_size: Annotated[int, typer.Option(help="tiles per forward pass")] = 32,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out_mpp: Annotated[float | None, typer.Option(help="µm/px of the class map (inference.out_mpp)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="tiles per forward pass (inference.batch_size)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (inference.device)")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -373,19 +407,21 @@ def analyze_cmd(
         fail("--model is required (a model package URI, or a model id with --endpoint)")
     if (slide is None) == (manifest is None):
         fail("give either SLIDE or --manifest")
-    cfg = _config(config, overrides)
+    flags = {"out_mpp": out_mpp, "batch_size": batch_size, "device": device}
+    given = [f"inference.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = _config(config, [*(overrides or []), *given])
+    inference = cfg.inference
     if manifest is not None:
-        from pathray.cluster.ray_local import ensure_ray
-        from pathray.inference.config import InferenceConfig
         from pathray.serving.batch import analyze_manifest
+        from pathray.storage import join_uri
 
-        ensure_ray()
-        inference = InferenceConfig(out_mpp=out_mpp, batch_size=batch_size, device=device)
+        _start_ray(cfg.storage)
         table = analyze_manifest(manifest, model, out, cfg.storage, inference, cfg.tissue, actors=actors)
         for row in table.itertuples():
             typer.echo(f"{row.status:6s} {row.slide_id}  {row.reason}")
         failed = int((table["status"] != "ok").sum())
-        typer.echo(f"summary: {out.rstrip('/')}/summary.parquet ({len(table) - failed} ok, {failed} failed)")
+        summary = join_uri(out, "summary.parquet")
+        typer.echo(f"summary: {summary} ({len(table) - failed} ok, {failed} failed)")
         return
     assert slide is not None
     progress = _Progress(Path(slide.split("?")[0]).name)
@@ -401,14 +437,11 @@ def analyze_cmd(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     from pathray.inference.analyze import analyze_slide
-    from pathray.inference.config import InferenceConfig
     from pathray.inference.outputs import write_outputs
     from pathray.inference.predictor import Predictor
-    from pathray.wsi.open import open_slide
+    from pathray.wsi.backends import open_slide
 
-    predictor = Predictor.from_package(
-        model, cfg.storage, InferenceConfig(out_mpp=out_mpp, batch_size=batch_size, device=device)
-    )
+    predictor = Predictor.from_package(model, cfg.storage, inference)
     try:
         result = analyze_slide(slide, predictor, cfg.storage, cfg.tissue, progress)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -41,6 +41,12 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
 
+    def remove(self, name: str) -> T:
+        """Take ``name`` out again (a plugin unloading; a test's own entry)."""
+        obj = self.get(name)
+        del self._items[name]
+        return obj
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
@@ -62,7 +68,15 @@ class Registry(Generic[T]):
 
 
 # The project's registries. Modules add to them when they are imported; the factories
-# (`open_slide`, `build_engine`, `build_task`, `build_sampler`) import the built-in ones first.
+# (`open_slide`, `build_sampler`, `build_engine`, `build_task`, `build_learner`) import the
+# built-in ones first.
 SLIDE_BACKENDS: Registry[type] = Registry("slide backend")
+"""Slide readers by name (``pathray.wsi.backends``)."""
+SAMPLERS: Registry[type] = Registry("sampler")
+"""Where tiles come from (``pathray.wsi.patching.samplers``)."""
+ENGINES: Registry[Any] = Registry("engine")
+"""Backbone + decoder: a builder and the defaults a project switches with it (``pathray.models.engines``)."""
 TASKS: Registry[type] = Registry("task")
-ENGINES: Registry[type] = Registry("engine")
+"""Task specs: targets, augmentation of targets, head, loss, metrics, outputs (``pathray.models.tasks``)."""
+LEARNERS: Registry[type] = Registry("learner")
+"""How a task trains and is evaluated: supervised, self-distillation (``pathray.training.learners``)."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -71,6 +72,14 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
         assert geojson["type"] == "FeatureCollection"
         assert Image.open(demo / "analysis" / "overlay.png").size[0] > 10
         assert "analysis overlay.png:" in out.stdout and "serving demo-" in out.stdout
+        # No config the demo wrote (runs, experiment, its own project files) holds storage
+        # credentials: only the names of the variables they are in.
+        configs = [*demo.rglob("*.yaml")]
+        assert len(configs) >= 6
+        for path in configs:
+            storage = (yaml.safe_load(path.read_text()) or {}).get("storage") or {}
+            assert not {"key", "secret"} & set(storage), (path, storage)
+        assert "secret:" not in out.stdout + out.stderr
         # Taking Serve down is quiet: no task of Ray's reported failed on the console.
         assert "graceful_shutdown failed" not in out.stdout + out.stderr
     assert not own_pids(), f"the demo left processes running: {own_pids()}"

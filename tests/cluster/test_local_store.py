@@ -16,7 +16,7 @@ import pytest
 
 from pathray.cluster.local import COMPONENTS, LocalObjectStore, find_weed
 from pathray.config import ObjectStoreConfig
-from pathray.wsi.storage import StorageConfig
+from pathray.storage import StorageConfig
 
 pytestmark = pytest.mark.s3
 

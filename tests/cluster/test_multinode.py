@@ -1,5 +1,6 @@
-"""Two Ray nodes on loopback addresses (`ray start --head` + `ray start --address`); `pathray submit` runs a
-2-worker training job through the Jobs API with one worker on each node, with token auth on."""
+"""Two Ray nodes on loopback addresses (`ray start --head` + `ray start --address`); `pathray submit
+--command experiment` runs a grid whose cell trains on 2 workers through the Jobs API, one worker on
+each node, with token auth on."""
 
 from __future__ import annotations
 
@@ -122,7 +123,10 @@ def alive_nodes(nodes: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
-def test_submit_spreads_a_two_worker_job_over_two_nodes(two_nodes, tmp_path):
+def test_submit_spreads_a_two_worker_experiment_over_two_nodes(two_nodes, tmp_path):
+    import pandas as pd
+    import yaml
+
     from pathray.datasets.manifest import synthetic_manifest, write_manifest
     from pathray.wsi.synth import SynthConfig, write_synthetic_slides
 
@@ -133,13 +137,13 @@ def test_submit_spreads_a_two_worker_job_over_two_nodes(two_nodes, tmp_path):
 
     slides = write_synthetic_slides(tmp_path / "slides", n=3, seed=1, config=SynthConfig(size=3072))
     manifest = write_manifest(synthetic_manifest(slides), tmp_path / "manifest.parquet")
-    config = Path(__file__).resolve().parents[2] / "configs" / "gleason-cnn.yaml"
-    sets = [
+    # An experiment file as a user writes one: its base project travels with the job.
+    experiment = tmp_path / "experiment.yaml"
+    base = Path(__file__).resolve().parents[2] / "configs" / "gleason-cnn.yaml"
+    cell = [
         f"data.manifest={manifest}",
         "data.split=null",
-        "engine.name=debug_cnn",
         "engine.model=null",
-        "scale.workers=2",
         "scale.cpus_per_worker=0.5",
         "scale.placement_strategy=STRICT_SPREAD",
         "data.stream.readers=1",
@@ -148,11 +152,12 @@ def test_submit_spreads_a_two_worker_job_over_two_nodes(two_nodes, tmp_path):
         "train.steps=3",
         "train.eval_split=null",
         "run.checkpoint_every=3",
-        "run.name=multinode",
-        f"run.storage_path={tmp_path / 'runs'}",
     ]
-    cmd = [str(BIN / "pathray"), "submit", str(config), "--address", two_nodes["address"], "--wait"]
-    cmd += [a for s in sets for a in ("--set", s)]
+    spec = {"name": "multinode", "base": str(base), "engines": ["debug_cnn"], "fractions": [1.0]}
+    spec |= {"workers": [2], "set": cell, "out": str(tmp_path / "exp")}
+    experiment.write_text(yaml.safe_dump({"experiment": spec}))
+    cmd = [str(BIN / "pathray"), "submit", str(experiment), "--command", "experiment"]
+    cmd += ["--address", two_nodes["address"], "--wait"]
     out = subprocess.run(cmd, env=two_nodes, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     job_id = re.search(r"submitted (\S+)", out.stdout).group(1)
@@ -160,7 +165,9 @@ def test_submit_spreads_a_two_worker_job_over_two_nodes(two_nodes, tmp_path):
     # Ray Train names every worker's node rank when it starts the group: both nodes ran one.
     ranks = set(re.findall(r"world_rank=\d+, local_rank=\d+, node_rank=(\d+)", out.stdout))
     assert ranks == {"0", "1"}, out.stdout[-4000:]
-    assert (tmp_path / "runs" / "multinode" / "metrics.json").exists()
+    table = pd.read_parquet(tmp_path / "exp" / "multinode" / "results.parquet")
+    assert list(table.workers) == [2] and list(table.steps) == [3]
+    assert (Path(table.run_dir[0]) / "metrics.json").exists()
 
     status = subprocess.run(
         [str(BIN / "pathray"), "jobs", "status", job_id, "--address", two_nodes["address"]],

@@ -31,8 +31,9 @@ def manifest(slides) -> pd.DataFrame:
     return frame
 
 
-def stream(manifest, storage=None, faults=None, epoch=0, epochs=1, **overrides) -> list[dict]:
+def stream(manifest, storage=None, faults=None, epoch=0, epochs=1, task=None, **overrides) -> list[dict]:
     from pathray.datasets.stream import build_tile_dataset
+    from pathray.models.tasks import build_task
 
     settings = {
         "sampler": {"kind": "class_balanced", "tiles_per_slide": TILES},
@@ -40,8 +41,9 @@ def stream(manifest, storage=None, faults=None, epoch=0, epochs=1, **overrides) 
         "readers": 1,
     }
     settings.update(overrides)
+    spec = build_task(task or {"name": "segmentation"})
     ds = build_tile_dataset(
-        manifest, StreamConfig(**settings), storage, faults=faults, epoch=epoch, epochs=epochs
+        manifest, StreamConfig(**settings), spec, storage, faults=faults, epoch=epoch, epochs=epochs
     )
     rows = []
     for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
@@ -148,14 +150,14 @@ def test_ssl_views_reach_torch(ray_local, manifest):
     import torch
 
     from pathray.datasets.stream import build_tile_dataset, tile_collate
+    from pathray.models.tasks import build_task
 
     cfg = StreamConfig(
         sampler={"kind": "random_tissue", "tiles_per_slide": 4},
-        target={"task": "ssl"},
         augment={"global_size": 64, "local_size": 32, "local_crops": 2},
         readers=1,
     )
-    ds = build_tile_dataset(manifest, cfg)
+    ds = build_tile_dataset(manifest, cfg, build_task({"name": "ssl"}))
     batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=tile_collate()))
     total = sum(len(b["x"]) for b in batches)
     assert total == len(manifest) * 4

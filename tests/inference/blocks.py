@@ -9,7 +9,7 @@ import tifffile
 import torch
 from torch import nn
 
-from pathray.wsi.classes import GLEASON_CLASSES
+from pathray.wsi.annotations.classes import GLEASON_CLASSES
 
 # Glass is white (Background); the other classes are their own saturated project colours.
 PALETTE = np.array([(255, 255, 255)] + [c.color for c in GLEASON_CLASSES[1:]], np.float32)

@@ -6,13 +6,16 @@ import pytest
 from blocks import CLASSES, ColourSegmenter
 
 from pathray.inference.analyze import analyze_slide
-from pathray.inference.predictor import ModelSpec, Predictor
-from pathray.wsi.errors import SlideError
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
+from pathray.models.tasks import build_task
+from pathray.wsi.backends.errors import SlideError
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor(ColourSegmenter(), ModelSpec("segmentation", CLASSES, [], 64, 2.0))
+    spec = ModelSpec(build_task({"name": "segmentation", "classes": CLASSES}), 64, 2.0)
+    return Predictor(ColourSegmenter(), spec)
 
 
 @pytest.mark.parametrize("name", ["broken/broken.svs", "broken/unreadable.svs", "broken/notanimage.txt"])

@@ -10,8 +10,10 @@ from torch import nn
 
 from pathray.inference.analyze import analyze_slide
 from pathray.inference.config import InferenceConfig
-from pathray.inference.predictor import ModelSpec, Predictor
-from pathray.wsi.classes import NUCLEUS_CLASSES
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
+from pathray.models.tasks import build_task
+from pathray.wsi.annotations.classes import NUCLEUS_CLASSES
 
 DOTS = np.array([c.color for c in NUCLEUS_CLASSES], np.float32)
 
@@ -46,7 +48,8 @@ def test_every_dot_is_found_once_whatever_the_overlap(dots, overlap, radius_um):
     """Radius 0 turns the final NMS off: the nearest-tile-centre ownership alone must dedupe."""
     uri, xs, ys, cls = dots
     names = [c.name for c in NUCLEUS_CLASSES]
-    spec = ModelSpec("detection", [], names, tile_size=64, tile_mpp=2.0, match_radius_um=radius_um)
+    task = build_task({"name": "detection", "classes": names, "match_radius_um": radius_um})
+    spec = ModelSpec(task, tile_size=64, tile_mpp=2.0)
     config = InferenceConfig(overlap=overlap, min_tissue=0.0, chunk_tiles=9, batch_size=8, compute_threads=2)
     result = analyze_slide(uri, Predictor(DotDetector(), spec, config))
     assert result.counts == {n: int((cls == i).sum()) for i, n in enumerate(names)}

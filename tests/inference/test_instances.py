@@ -10,7 +10,9 @@ from torch import nn
 
 from pathray.inference.analyze import analyze_slide
 from pathray.inference.config import InferenceConfig
-from pathray.inference.predictor import INSTANCE_CLASSES, INSTANCE_POINT_CLASSES, ModelSpec, Predictor
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
+from pathray.models.tasks import build_task
 
 DISC = torch.tensor([60.0, 20.0, 90.0])
 RADIUS = 3
@@ -48,7 +50,7 @@ def test_every_disc_is_one_instance_at_its_centre_whatever_the_overlap(discs, ov
     """A disc cut by a tile border is seen whole by a neighbour; the cut copy's centroid lies on
     the neighbour's side, so ownership alone (radius 0: no final NMS) keeps each disc once."""
     uri, xs, ys, disc_px = discs
-    spec = ModelSpec("instance", INSTANCE_CLASSES, INSTANCE_POINT_CLASSES, 64, 2.0, match_radius_um=radius_um)
+    spec = ModelSpec(build_task({"name": "instance", "match_radius_um": radius_um}), 64, 2.0)
     config = InferenceConfig(
         overlap=overlap,
         min_tissue=0.0,

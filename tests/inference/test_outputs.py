@@ -12,10 +12,12 @@ from PIL import Image
 from pathray.inference.analyze import analyze_slide
 from pathray.inference.config import InferenceConfig
 from pathray.inference.outputs import OUTPUT_FILES, class_color, write_outputs
-from pathray.inference.predictor import ModelSpec, Predictor
-from pathray.wsi.geojson import read_geojson
-from pathray.wsi.geometry import polygons_of
-from pathray.wsi.open import open_slide
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
+from pathray.models.tasks import build_task
+from pathray.wsi.annotations.geojson import read_geojson
+from pathray.wsi.annotations.geometry import polygons_of
+from pathray.wsi.backends.open import open_slide
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def analysed(tmp_path_factory):
     labels[0, 7] = 1  # Benign
     labels[3, 2] = 0  # a hole-free notch in G3
     path = write_blocks_slide(tmp_path_factory.mktemp("out") / "b.tiff", labels, 64, 2.0)
-    spec = ModelSpec("segmentation", CLASSES, [], 64, 2.0, name="colour")
+    spec = ModelSpec(build_task({"name": "segmentation", "classes": CLASSES}), 64, 2.0, name="colour")
     config = InferenceConfig(overlap=0.25, min_tissue=0.0, clip_to_tissue=False, min_region_um2=100)
     return str(path), analyze_slide(str(path), Predictor(ColourSegmenter(), spec, config))
 

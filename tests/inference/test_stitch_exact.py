@@ -9,9 +9,11 @@ from blocks import CLASSES, ColourClassifier, ColourSegmenter, expected_map, wri
 from pathray.inference.analyze import analyze_slide
 from pathray.inference.config import InferenceConfig
 from pathray.inference.grid import plan_grid
-from pathray.inference.predictor import ModelSpec, Predictor
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
 from pathray.inference.stitch import Stitcher
-from pathray.wsi.open import open_slide
+from pathray.models.tasks import build_task
+from pathray.wsi.backends.open import open_slide
 
 MPP, CELL = 2.0, 96  # level-0 µm/px (the model's own mpp: tiles are read without resampling)
 PX_MM2 = (4.0 / 1000) ** 2  # one class-map pixel at out_mpp 4
@@ -27,7 +29,8 @@ def blocks(tmp_path_factory):
 
 
 def seg_spec(task: str = "segmentation") -> ModelSpec:
-    return ModelSpec(task=task, classes=CLASSES, point_classes=[], tile_size=64, tile_mpp=MPP, name="colour")
+    task_spec = build_task({"name": task, "classes": CLASSES})
+    return ModelSpec(task_spec, tile_size=64, tile_mpp=MPP, name="colour")
 
 
 @pytest.mark.parametrize("compute_threads", [1, 2])

@@ -17,15 +17,16 @@ from pathray.config import load_config
 from pathray.inference.analyze import analyze_slide
 from pathray.inference.config import InferenceConfig
 from pathray.inference.gleason import gleason_score
-from pathray.inference.predictor import Predictor, spec_from_config
+from pathray.inference.predictor import Predictor
+from pathray.inference.spec import ModelSpec
 from pathray.models.task_model import build_model
-from pathray.wsi.geojson import read_geojson
-from pathray.wsi.geometry import polygons_of
-from pathray.wsi.open import open_slide
-from pathray.wsi.samplers import SamplerConfig, SlideRegions, build_sampler, rng_for
+from pathray.wsi.annotations.geojson import read_geojson
+from pathray.wsi.annotations.geometry import polygons_of
+from pathray.wsi.annotations.targets import AnnotationIndex, segmentation_target
+from pathray.wsi.backends.open import open_slide
+from pathray.wsi.patching.samplers import SamplerConfig, SlideRegions, build_sampler, rng_for
+from pathray.wsi.patching.tissue import tissue_mask
 from pathray.wsi.synth import SynthConfig, write_synthetic_slide, write_synthetic_slides
-from pathray.wsi.targets import AnnotationIndex, segmentation_target
-from pathray.wsi.tissue import tissue_mask
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def training_tiles(slides, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(cfg, images: torch.Tensor, targets: torch.Tensor) -> torch.nn.Module:
     torch.manual_seed(0)
-    model, task = build_model(cfg)
+    model, task = build_model(cfg.engine, cfg.task)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for step in range(STEPS):
@@ -80,7 +81,9 @@ def test_trained_model_areas_match_the_ground_truth(tmp_path):
     slides = write_synthetic_slides(tmp_path / "train", n=4, seed=3, config=SynthConfig(size=4096))
     held_out = write_synthetic_slide(tmp_path / "eval.svs", EVAL_SEED, SynthConfig(size=6144))
     model = train(cfg, *training_tiles(slides, cfg))
-    result = analyze_slide(str(held_out.path), Predictor(model, spec_from_config(cfg), InferenceConfig()))
+    sampler = cfg.data.stream.sampler
+    spec = ModelSpec(cfg.task_spec(), sampler.size, sampler.mpps[0])
+    result = analyze_slide(str(held_out.path), Predictor(model, spec, InferenceConfig()))
     truth = truth_areas_mm2(held_out)
     for name in ("G3", "G4", "G5"):
         want = truth.get(name, 0.0)

@@ -22,7 +22,7 @@ from pathray.models.dino import (
     views_from_batch,
 )
 from pathray.models.metrics import EmbeddingMetric
-from pathray.models.tasks import TaskConfig, build_task
+from pathray.models.tasks import SslConfig, build_task
 
 
 class TinyEngine(nn.Module):
@@ -40,8 +40,8 @@ class TinyEngine(nn.Module):
         return self.pool(dense.mean((2, 3))), dense
 
 
-def config(**kw) -> TaskConfig:
-    return TaskConfig(**{"name": "ssl", "out_dim": 32, "head_hidden": 32, "head_bottleneck": 8, **kw})
+def config(**kw) -> SslConfig:
+    return SslConfig(**{"out_dim": 32, "head_hidden": 32, "head_bottleneck": 8, **kw})
 
 
 def test_head_is_cosine_to_unit_prototypes():

@@ -10,7 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pathray.models.engines import Engine, EngineConfig, build_engine
+from pathray.models.config import EngineConfig
+from pathray.models.engine import Engine
+from pathray.models.engines import build_engine, engine_entry
 from pathray.models.timm_compat import import_timm
 from pathray.registry import ENGINES, RegistryError
 
@@ -202,14 +204,21 @@ def test_config_errors_are_clear():
         build_engine(EngineConfig(name="vit"))
 
 
-def test_engines_import_neither_ray_nor_timm():
+def test_engine_registrations_import_neither_ray_nor_torch():
     code = (
         "import sys, pathray.models.engines\n"
-        "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('ray', 'timm')))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'timm', 'torch'}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", "importing the engines must not import ray (nor timm, until built)"
+    assert out.stdout.strip() == "[]", "registering engines must not import ray, torch or timm (until built)"
+
+
+def test_engine_defaults_live_on_the_registration():
+    assert engine_entry("cnn").defaults["data"]["stream"]["sampler"] == {"size": 256, "mpps": [1.0]}
+    assert engine_entry("foundation").defaults["optim"]["layer_decay"] == 0.75
+    with pytest.raises(RegistryError, match="unknown engine 'vit'"):
+        engine_entry("vit")
 
 
 @pytest.mark.slow

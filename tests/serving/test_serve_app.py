@@ -19,7 +19,8 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
-TOKEN = "test-token-1234"
+TOKEN_ENV = "PATHRAY_TEST_SERVE_TOKEN"  # set by conftest before Ray starts, as a cluster's environment
+TOKEN = os.environ[TOKEN_ENV]
 APP = "pathray"
 
 
@@ -59,16 +60,6 @@ class Service:
         raise AssertionError(f"analysis {analysis_id} did not end in {timeout} s: {doc}")
 
 
-def save_debug_package(folder: Path, engine: str) -> None:
-    from pathray.config import load_config
-    from pathray.models.package import save_model_package
-    from pathray.models.task_model import build_model
-
-    cfg = load_config(None, [f"engine.name={engine}"])
-    model, _ = build_model(cfg)
-    save_model_package(str(folder), cfg, model.state_dict(), {"run": "test"})
-
-
 def model_replicas() -> int:
     from ray import serve
 
@@ -77,7 +68,7 @@ def model_replicas() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
+def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package) -> Service:
     from ray import serve
 
     from pathray.serving.app import load_app_config
@@ -93,9 +84,10 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
     models, output = object_store.url_for("serve-models"), object_store.url_for("serve-out")
     s3_slides = object_store.url_for("serve-slides")
     object_store.upload_file(slides / "slide_000.svs", f"{s3_slides}/a.svs")
-    object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/model.pt")  # no config.yaml
-    save_debug_package(root / "models" / "seg", "debug_cnn")
-    save_debug_package(root / "models" / "seg-vit" / "model", "debug_vit")  # a training run's layout
+    # weights without their model.yaml: not a package
+    object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/weights.safetensors")
+    save_package(root / "models" / "seg", meta={"run": "test"})
+    save_package(root / "models" / "seg-vit" / "model", "engine.name=debug_vit")  # a training run's layout
     (root / "models" / "seg-vit" / "checkpoints").mkdir()
     (root / "models" / "seg-vit" / "checkpoints" / "step-1.pt").write_bytes(b"x")
     object_store.upload_dir(root / "models", models)
@@ -131,7 +123,7 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory) -> Service:
                 },
                 "security": {
                     "allowed_prefixes": [f"file://{slides}/", f"{s3_slides}/", "http://127.0.0.1:9/wsi/"],
-                    "token": TOKEN,
+                    "token_env": TOKEN_ENV,
                 },
             },
         }

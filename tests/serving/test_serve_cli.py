@@ -23,7 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_missing_config_file(tmp_path):
     out = run("serve", str(tmp_path / "nope.yaml"))
     assert out.returncode == 2
-    assert out.stderr.strip() == f"error: no serve config file at {tmp_path / 'nope.yaml'}"
+    assert out.stderr.strip() == f"error: no config file at {tmp_path / 'nope.yaml'}"
 
 
 def test_bad_keys_and_bounds_name_the_key(tmp_path):
@@ -40,17 +40,11 @@ def test_bad_keys_and_bounds_name_the_key(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path, own_tmp, own_pids):
+def test_serve_answers_until_sigterm_then_stops_quietly(tmp_path, own_tmp, own_pids, save_package):
     import httpx
     import yaml
 
-    from pathray.config import load_config
-    from pathray.models.package import save_model_package
-    from pathray.models.task_model import build_model
-
-    model_cfg = load_config(None, ["engine.name=debug_cnn"])
-    model, _ = build_model(model_cfg)
-    save_model_package(str(tmp_path / "models" / "tiny"), model_cfg, model.state_dict())
+    save_package(tmp_path / "models" / "tiny")
     config = {
         "serve": {
             "models": str(tmp_path / "models"),

@@ -158,7 +158,7 @@ def test_shipped_serve_configs_load_and_build(monkeypatch):
 
 
 def test_app_args_overrides_and_token(monkeypatch):
-    from pathray.config import ConfigError
+    from pathray.section import ConfigError
     from pathray.serving.app import load_app_config
 
     cfg = load_app_config(
@@ -181,7 +181,7 @@ def test_app_args_overrides_and_token(monkeypatch):
 
 
 def test_a_project_config_with_a_serve_section_can_be_served(tmp_path):
-    from pathray.config import ConfigError
+    from pathray.section import ConfigError
     from pathray.serving.app import load_app_config
 
     project = tmp_path / "project.yaml"
@@ -192,7 +192,7 @@ def test_a_project_config_with_a_serve_section_can_be_served(tmp_path):
     cfg = load_app_config({"config": str(project)})
     assert cfg.serve.models == "s3://b/models" and cfg.inference.chunk_tiles == 16
     project.write_text("engin: {name: debug_cnn}\n")
-    with pytest.raises(ConfigError, match=r"unknown sections \['engin'\]"):
+    with pytest.raises(ConfigError, match="engin: Extra inputs are not permitted"):
         load_app_config({"config": str(project)})
 
 
@@ -204,6 +204,12 @@ def test_the_token_is_not_an_app_argument_and_a_replica_without_one_refuses_to_s
     app = build_app(load_app_config({"config": str(CONFIGS / "serve.yaml")}))
     args = app._bound_deployment.init_args  # what Serve stores with the application
     assert "driver-secret" not in repr(args) and args[-1] is True
+    # a token given in the config is not stored with the app either: replicas read the environment
+    from ray import cloudpickle  # how Serve stores an application's arguments
+
+    inline = {"config": str(CONFIGS / "serve.yaml"), "serve": {"security": {"token": "config-secret"}}}
+    stored = cloudpickle.dumps(build_app(load_app_config(inline))._bound_deployment.init_args)
+    assert b"config-secret" not in stored and b"driver-secret" not in stored
     monkeypatch.delenv("PATHRAY_SERVE_TOKEN")  # a cluster whose environment lacks the token
     # Serve wraps our class in a subclass of the same name: ours is the last of that module
     ours = [c for c in Ingress.func_or_class.__mro__ if c.__module__ == "pathray.serving.ingress"][-1]

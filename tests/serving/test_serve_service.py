@@ -18,18 +18,13 @@ class ReplicaGone(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from pathray.config import load_config
+def setup(tmp_path_factory, save_package):
     from pathray.inference.predictor import Predictor
-    from pathray.models.package import save_model_package
-    from pathray.models.task_model import build_model
     from pathray.wsi.synth import SynthConfig, write_synthetic_slides
 
     root = tmp_path_factory.mktemp("service")
     (slide,) = write_synthetic_slides(root / "slides", 1, seed=3, config=SynthConfig(size=4096))
-    cfg = load_config(None, ["engine.name=debug_cnn"])
-    model, _ = build_model(cfg)
-    save_model_package(str(root / "models" / "seg"), cfg, model.state_dict())
+    save_package(root / "models" / "seg")
     inference = InferenceConfig(chunk_tiles=4, read_threads=2)
     predictor = Predictor.from_package(str(root / "models" / "seg"), config=inference)
     return root, str(slide.path), predictor, inference

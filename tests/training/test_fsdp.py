@@ -13,7 +13,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_fsdp_trains_sharded_resumes_and_exports_a_plain_model(ray_local, project, tmp_path):
-    import ray.train
     import torch
 
     from pathray.models.package import read_model_package
@@ -51,10 +50,11 @@ def test_fsdp_trains_sharded_resumes_and_exports_a_plain_model(ray_local, projec
     assert marker.read_text() == "killed"
     assert [row["step"] for row in train_rows] == [2, 4, 6]
 
-    # the checkpoint is a full, plain state dict: it loads strictly into an unwrapped model
-    saved = torch.load(Path(result.checkpoint) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    # the checkpoint is a full, plain state dict (no pickled objects): it loads strictly into an
+    # unwrapped model
+    saved = torch.load(Path(result.checkpoint) / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["strategy"] == "fsdp" and saved["step"] == 6
-    plain, _ = build_model(cfg)
+    plain, _ = build_model(cfg.engine, cfg.task)
     plain.load_state_dict(saved["model"])
     assert all(type(t) is torch.Tensor for t in saved["model"].values())
     assert "state" in saved["optimizer"] and saved["optimizer"]["state"]
@@ -62,7 +62,7 @@ def test_fsdp_trains_sharded_resumes_and_exports_a_plain_model(ray_local, projec
     # evaluation on the test split ran, and the exported package serves the same model
     assert result.metrics["test/tiles"] >= 16 and "test/macro_f1" in result.metrics
     served, _ = read_model_package(result.paths["model"]).build()
-    trained, _ = load_trained(cfg, ray.train.Checkpoint.from_directory(result.checkpoint))
+    trained, _ = load_trained(cfg.engine, cfg.task_spec(), result.checkpoint)
     tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(served(tiles), trained(tiles))
@@ -89,9 +89,10 @@ def test_dino_pretrains_with_fsdp_student_and_teacher_sharded(ray_local, project
     result = run_training(cfg)
     m = result.metrics
     assert m["step"] == 2 and 0.4 < m["params_local_share"] < 0.6, m
-    assert 1.0 <= m["test/rankme"] <= 256 and 0.0 <= m["test/odcorr"] <= 1.0
+    # the gathered teacher's embeddings of the held-out tiles are not collapsed onto a few directions
+    assert m["test/rankme"] > 2.0 and m["test/odcorr"] < 0.9, m
     # the gathered teacher differs from the student (EMA) and its backbone loads into an engine
-    saved = torch.load(Path(result.checkpoint) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(Path(result.checkpoint) / "checkpoint.pt", map_location="cpu", weights_only=True)
     key = next(k for k in saved["model"] if k.startswith("engine.backbone.blocks."))
     assert not torch.equal(saved["model"][key], saved["teacher_model"][key])
     build_engine(cfg.engine).load_backbone_weights(str(Path(result.checkpoint) / "checkpoint.pt"))

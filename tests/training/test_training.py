@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -66,17 +67,11 @@ def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
 
     package = read_model_package(result.paths["model"])
     served, _ = package.build()
-    trained, _ = load_trained(cfg, ray_checkpoint(result.checkpoint))
+    trained, _ = load_trained(cfg.engine, cfg.task_spec(), result.checkpoint)
     tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(served(tiles), trained(tiles))
     assert package.meta["step"] == 100 and package.config.task.classes == cfg.task.classes
-
-
-def ray_checkpoint(path: str):
-    import ray.train
-
-    return ray.train.Checkpoint.from_directory(path)
 
 
 # The two Gleason configs train elsewhere, so each costs the suite one run, not two:
@@ -105,9 +100,10 @@ def test_the_other_project_configs_train_a_few_steps(ray_local, project, tmp_pat
     result = run_training(cfg)
     assert result.metrics["step"] == 3
     assert Path(result.checkpoint).exists()
-    if cfg.task.name == "ssl":  # label-free scores and a linear probe on a fixed held-out tile set
-        m = result.metrics
-        assert 1.0 <= m["test/rankme"] <= cfg.task.out_dim and 0.0 <= m["test/odcorr"] <= 1.0
-        assert 0.0 <= m["test/probe_accuracy"] <= 1.0
-    else:
-        assert any(k.startswith("test/") for k in result.metrics)
+    m = result.metrics
+    if cfg.task.name == "ssl":  # label-free scores and a linear probe on a fixed tile set
+        assert m["test/rankme"] > 2.0 and m["test/odcorr"] < 0.9, m  # embeddings not collapsed
+        assert m["test/probe_train_tiles"] > 0 and m["test/probe_test_tiles"] > 0, m
+        assert math.isfinite(m["test/probe_accuracy"]), m
+    else:  # the held-out slides' annotated nuclei were counted: recall is defined only then
+        assert math.isfinite(m["test/recall"]) and math.isfinite(m["test/f1"]), m

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pathray.wsi.classes import GLEASON_CLASSES, NUCLEUS_CLASSES, class_by_name
-from pathray.wsi.geojson import Annotation, read_geojson, write_geojson
+from pathray.wsi.annotations.classes import GLEASON_CLASSES, NUCLEUS_CLASSES, class_by_name
+from pathray.wsi.annotations.geojson import Annotation, read_geojson, write_geojson
 from pathray.wsi.synth import generate_geometry
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathray.wsi.geometry import Polygon, points_of, polygons_of, rasterize
+from pathray.wsi.annotations.geometry import Polygon, points_of, polygons_of, rasterize
 
 RING = [[2, 2], [6, 2], [6, 6], [2, 6], [2, 2]]
 HOLE = [[3, 3], [5, 3], [5, 5], [3, 5], [3, 3]]

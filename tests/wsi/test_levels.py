@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pathray.wsi.levels import plausible_mpp, select_level
+from pathray.wsi.backends.levels import plausible_mpp, select_level
 
 SVS_2X = [0.25, 0.5, 1.0, 2.0, 4.0]
 SVS_4X = [0.25, 1.0, 4.0, 16.0]

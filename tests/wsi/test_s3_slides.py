@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathray.wsi.errors import SlideAccessError, SlideNotFoundError
-from pathray.wsi.open import open_slide
-from pathray.wsi.storage import StorageConfig
+from pathray.storage import StorageConfig
+from pathray.wsi.backends.errors import SlideAccessError, SlideNotFoundError
+from pathray.wsi.backends.open import open_slide
 
 pytestmark = pytest.mark.s3
 
@@ -112,8 +112,9 @@ def test_presigned_and_filesystem_paths_read_the_same(remote_uri, s3_storage, sy
 
 
 def test_presigned_reads_report_access_and_missing(object_store, synthetic):
-    from pathray.wsi.ranges import RangeReader
-    from pathray.wsi.storage import ByteCounter, parse_uri
+    from pathray.storage import parse_uri
+    from pathray.wsi.backends import ByteCounter
+    from pathray.wsi.backends.ranges import RangeReader
 
     object_store.ensure_bucket("pathray-private")
     uri = object_store.upload_file(synthetic, "s3://pathray-private/ranges.svs")

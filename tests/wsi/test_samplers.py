@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pathray.registry import RegistryError
-from pathray.wsi.geometry import Polygon
-from pathray.wsi.samplers import (
+from pathray.wsi.annotations.geometry import Polygon
+from pathray.wsi.patching.samplers import (
     ClassBalancedSampler,
     RandomTissueSampler,
     SamplerConfig,
@@ -16,7 +16,7 @@ from pathray.wsi.samplers import (
     build_sampler,
     rng_for,
 )
-from pathray.wsi.tissue import TissueMask
+from pathray.wsi.patching.tissue import TissueMask
 
 
 def square(x0: float, y0: float, x1: float, y1: float) -> Polygon:

@@ -11,8 +11,8 @@ import tiffslide
 from pydantic import ValidationError
 from scipy.ndimage import binary_erosion
 
-from pathray.wsi.geojson import read_geojson
-from pathray.wsi.geometry import points_in_ring
+from pathray.wsi.annotations.geojson import read_geojson
+from pathray.wsi.annotations.geometry import points_in_ring
 from pathray.wsi.synth import (
     PATTERNS,
     SynthConfig,
@@ -20,7 +20,7 @@ from pathray.wsi.synth import (
     write_synthetic_slide,
     write_synthetic_slides,
 )
-from pathray.wsi.synth_render import render_region
+from pathray.wsi.synth.render import render_region
 
 SIZE = 3000  # not a multiple of the tile: edge tiles are exercised too
 G5_SEED = 3  # PATTERNS[3 % 4] == "G5"; tumour slides always carry a Benign region as well

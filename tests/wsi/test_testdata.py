@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pathray.wsi.errors import SlideError, SlideFormatError, SlideReadError
-from pathray.wsi.open import open_slide
+from pathray.wsi.backends.errors import SlideError, SlideFormatError, SlideReadError
+from pathray.wsi.backends.open import open_slide
 
 # path, backend, vendor, dimensions, level_count, mpp (None: absent or meaningless), associated images
 READABLE = [

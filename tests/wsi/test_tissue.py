@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathray.wsi.open import open_slide
-from pathray.wsi.tissue import TissueConfig, TissueMask, otsu_threshold, segment_tissue, tissue_mask
+from pathray.wsi.backends.open import open_slide
+from pathray.wsi.patching.tissue import TissueConfig, TissueMask, otsu_threshold, segment_tissue, tissue_mask
 
 
 def test_otsu_splits_two_populations():
@@ -94,7 +94,7 @@ def test_mask_without_mpp_uses_max_size(testdata):
 def test_masks_are_cached_on_disk_per_slide_version(testdata, tmp_path):
     import shutil
 
-    from pathray.wsi.tissue import TissueMaskCache
+    from pathray.wsi.patching.tissue import TissueMaskCache
 
     path = tmp_path / "cmu.svs"
     shutil.copyfile(testdata / "aperio/CMU-1-Small-Region.svs", path)

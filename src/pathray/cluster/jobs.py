@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "pathray-job.yaml"
+BASE_NAME = "pathray-job-base.yaml"  # an experiment's base project config, beside it
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 AGENT_WAIT_S = 90.0  # a head that just started may not have its job agent up yet
 
 
@@ -45,6 +47,7 @@ class Submission:
     pip: list[str] = field(default_factory=list)
     entrypoint_cpus: float | None = None
     submission_id: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # more files for the working dir, by name
 
 
 def token_available() -> bool:
@@ -84,6 +87,8 @@ def prepare(sub: Submission, staging: Path) -> tuple[str, dict[str, Any]]:
     else:
         workdir.mkdir(parents=True)
     shutil.copyfile(sub.config, workdir / CONFIG_NAME)
+    for name, source in sub.files.items():
+        shutil.copyfile(source, workdir / name)
     args = ["pathray", sub.command, CONFIG_NAME, *[a for o in sub.overrides for a in ("--set", o)]]
     runtime_env: dict[str, Any] = {"working_dir": str(workdir)}
     env = {"RAY_USAGE_STATS_ENABLED": "0", **sub.env}
@@ -91,6 +96,24 @@ def prepare(sub: Submission, staging: Path) -> tuple[str, dict[str, Any]]:
     if sub.pip:
         runtime_env["pip"] = list(sub.pip)
     return shlex.join(args), runtime_env
+
+
+def refuse_credentials(overrides: list[str], env: dict[str, str], secret_env: tuple[str, ...] = ()) -> None:
+    """A job's command line and environment are stored with it (and shown by the dashboard): storage
+    credentials must not be among them; the cluster's nodes hold them in their own environment."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key.split(".")[-1] in ("key", "secret") and "storage" in key.split("."):
+            raise ClusterError(
+                f"--set {key}=...: credentials must not travel with a job (it is stored with them); "
+                "give the cluster's nodes the variables named by storage.key_env and storage.secret_env"
+            )
+    for name in env:
+        if name in (*SECRET_ENV, *secret_env):
+            raise ClusterError(
+                f"--env {name}=...: credentials must not travel with a job (its environment is stored "
+                "with it); set them in the cluster's own environment"
+            )
 
 
 def submit(sub: Submission, address: str | None) -> str:

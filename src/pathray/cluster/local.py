@@ -24,14 +24,28 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import fsspec
+from pydantic import Field
 
-from pathray.config import ObjectStoreConfig
-from pathray.wsi.storage import StorageConfig
+from pathray.section import Section
+from pathray.storage import StorageConfig
 
 COMPONENTS = ("master", "volume", "filer", "s3")
 IDENTITIES = ("admin", "limited")
 THROWAWAY_GRACE_S = 1.0  # a temp data dir is deleted anyway; only a kept one deserves a clean stop
 _PROBE = ".pathray-ready"
+
+
+class ObjectStoreConfig(Section):
+    """The embedded S3-compatible endpoint used by the demo and the tests."""
+
+    bucket: str = "pathray"
+    port: int = Field(0, ge=0, le=65535, description="S3 port; 0 picks a free one")
+    data_dir: str | None = Field(None, description="where SeaweedFS keeps its data; None: a temp dir")
+    volume_size_limit_mb: int = Field(256, gt=0, le=30000, description="SeaweedFS volume size")
+    start_timeout_s: float = Field(60.0, gt=0, description="how long to wait for S3 to accept writes")
+    stop_timeout_s: float = Field(
+        20.0, ge=0, description="SIGINT grace before SIGKILL when data_dir is kept (a temp dir gets 1 s)"
+    )
 
 
 def find_weed() -> str:
@@ -154,6 +168,11 @@ class LocalObjectStore:
                 with contextlib.suppress(OSError):
                     if port and stat.S_ISSOCK(sock.lstat().st_mode):
                         sock.unlink()
+            for name in self._creds:
+                stem = f"PATHRAY_S3_{self.ports.get('s3')}_{name.upper()}"
+                os.environ.pop(f"{stem}_KEY", None)
+                os.environ.pop(f"{stem}_SECRET", None)
+            self._creds = {}
             if self._run_dir is not None:
                 shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = self._data_dir = self._fs = None
@@ -200,12 +219,27 @@ class LocalObjectStore:
         return self.data_dir / "weed.log"
 
     def storage_config(self, identity: str = "admin") -> StorageConfig:
-        """Endpoint plus key/secret of ``identity`` ("admin" or "limited"), ready for s3fs."""
+        """Endpoint plus the environment variables holding ``identity``'s key and secret.
+
+        ``start()`` puts every identity's credentials into this process's environment, so the
+        processes started after it (a local Ray's workers, Serve replicas) read them there; no
+        config, file or job carries them.
+        """
+        key_env, secret_env = self.env_names(identity)
+        return StorageConfig(endpoint_url=self.endpoint_url, key_env=key_env, secret_env=secret_env)
+
+    def credentials(self, identity: str = "admin") -> tuple[str, str]:
+        """``identity``'s access key and secret (tests look for them where they must never be)."""
+        self.env_names(identity)
+        return self._creds[identity]
+
+    def env_names(self, identity: str = "admin") -> tuple[str, str]:
+        """The environment variables this store's ``identity`` credentials are exported to."""
         self._started()
         if identity not in self._creds:
             raise ValueError(f"unknown identity {identity!r}; known: {', '.join(IDENTITIES)}")
-        key, secret = self._creds[identity]
-        return StorageConfig(endpoint_url=self.endpoint_url, key=key, secret=secret)
+        stem = f"PATHRAY_S3_{self.ports['s3']}_{identity.upper()}"
+        return f"{stem}_KEY", f"{stem}_SECRET"
 
     def ensure_bucket(self, name: str) -> None:
         """Create bucket ``name`` unless it exists (as admin)."""
@@ -301,6 +335,9 @@ class LocalObjectStore:
         config_file = self._run_dir / "s3.json"
         config_file.touch(mode=0o600)
         config_file.write_text(json.dumps(identities(self.bucket, self._creds)), encoding="utf-8")
+        for name, (key, secret) in self._creds.items():
+            stem = f"PATHRAY_S3_{self.ports['s3']}_{name.upper()}"
+            os.environ[f"{stem}_KEY"], os.environ[f"{stem}_SECRET"] = key, secret
         # Grow one volume per new bucket instead of seven: small disks, many buckets, faster first write.
         env = os.environ | {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
         with open(self._data_dir / "weed.log", "ab") as log:

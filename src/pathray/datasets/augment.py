@@ -1,4 +1,4 @@
-"""Tile augmentations that keep targets aligned: flips, 90° turns, HED stain jitter, brightness/contrast.
+"""Tile augmentations: flips and 90° turns (targets follow them), HED stain jitter, brightness/contrast.
 
 Also DINO multi-crop: a few large "global" and many small "local" views of one tile. Pure numpy
 and PIL, seeded by the caller's generator, so the same stream augments the same way.
@@ -6,11 +6,12 @@ and PIL, seeded by the caller's generator, so the same stream augments the same 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from pathray.models.tasks import Spatial
+from pathray.section import Section
 
 # Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) as rows; RGB optical density = HED @ M.
 _HED_FROM_RGB_INV = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -18,10 +19,8 @@ _HED_FROM_RGB_INV /= np.linalg.norm(_HED_FROM_RGB_INV, axis=1, keepdims=True)
 _RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB_INV).astype(np.float32)
 
 
-class AugmentConfig(BaseModel):
+class AugmentConfig(Section):
     """How strongly to augment; zeros switch a transform off."""
-
-    model_config = ConfigDict(extra="forbid")
 
     flips: bool = True
     rot90: bool = True
@@ -67,47 +66,17 @@ def brightness_contrast(
     return np.clip((arr - mean) * c + mean + b, 0, 255).astype(np.uint8)
 
 
-def _transform_points(points: np.ndarray, size: int, flip_x: bool, flip_y: bool, turns: int) -> np.ndarray:
-    """Apply the image's flips and 90° turns to ``(n, 3)`` rows (x, y, class); -1 rows stay."""
-    out = points.copy()
-    valid = out[:, 2] >= 0
-    x, y = out[valid, 0].copy(), out[valid, 1].copy()
-    if flip_x:
-        x = size - x
-    if flip_y:
-        y = size - y
-    for _ in range(turns):  # np.rot90 (counter-clockwise): (x, y) -> (y, size - x)
-        x, y = y, size - x
-    out[valid, 0], out[valid, 1] = x, y
-    return out
-
-
-def augment(
-    image: np.ndarray, target: Any, task: str, config: AugmentConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, Any]:
-    """One augmented (image, target) pair; spatial targets move with the pixels."""
+def augment(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, Spatial]:
+    """One augmented tile and the flips and turns it got (targets follow them: ``TaskSpec.follow``)."""
     size = image.shape[0]
     flip_x = bool(config.flips and rng.random() < 0.5)
     flip_y = bool(config.flips and rng.random() < 0.5)
     turns = int(rng.integers(0, 4)) if config.rot90 and image.shape[0] == image.shape[1] else 0
-
-    def spatial(a: np.ndarray) -> np.ndarray:
-        if flip_x:
-            a = a[:, ::-1]
-        if flip_y:
-            a = a[::-1]
-        if turns:
-            a = np.rot90(a, turns)
-        return np.ascontiguousarray(a)
-
-    image = spatial(image)
-    if task in ("segmentation", "instance") and target is not None:
-        target = spatial(target)
-    elif task == "detection" and target is not None:
-        target = _transform_points(target, size, flip_x, flip_y, turns)
+    spatial = Spatial(size, flip_x, flip_y, turns)
+    image = spatial.pixels(image)
     image = hed_jitter(image, config.hed_sigma, rng)
     image = brightness_contrast(image, config.brightness, config.contrast, rng)
-    return image, target
+    return image, spatial
 
 
 def random_resized_crop(
@@ -133,6 +102,6 @@ def multicrop(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator
     for name, count, size, scale in specs:
         for i in range(count):
             view = random_resized_crop(image, size, scale, rng)
-            view, _ = augment(view, None, "ssl", config, rng)
+            view, _ = augment(view, config, rng)
             views[f"{name}_{i}"] = view
     return views

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import Field, model_validator
 
 from pathray.datasets.augment import AugmentConfig
-from pathray.wsi.samplers import SamplerConfig
-from pathray.wsi.targets import TargetConfig
+from pathray.section import Section
+from pathray.wsi.patching.samplers import SamplerConfig
 
 
-class StreamConfig(BaseModel):
-    """Everything about how tiles are cut and delivered."""
-
-    model_config = ConfigDict(extra="forbid")
+class StreamConfig(Section):
+    """How tiles are cut and delivered; what each tile's target is comes from the project's task."""
 
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    target: TargetConfig = Field(default_factory=TargetConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     augmentation: bool = Field(True, description="off for validation and preview of raw tiles")
     seed: int = 0
@@ -25,11 +24,19 @@ class StreamConfig(BaseModel):
     read_retries: int = Field(2, description="retries of a failed read before tiles are skipped")
     tile_cache: int = Field(16, description="decoded tiles kept per open slide")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_target(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target" in data:
+            raise ValueError(
+                "data.stream.target is gone: the task section names the task and its classes once "
+                "(task.name, task.classes; detection: task.max_points; instance: task.source)"
+            )
+        return data
 
-class DataConfig(BaseModel):
+
+class DataConfig(Section):
     """Which slides to stream and how: the ``data:`` section of a project config."""
-
-    model_config = ConfigDict(extra="forbid")
 
     manifest: str | None = Field(None, description="Parquet/CSV manifest: a path or any storage URI")
     split: str | None = Field("train", description="which split to stream; null: every slide")

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pathray.storage import join_uri
+
 if TYPE_CHECKING:
     from pathray.wsi.synth import SyntheticSlide
 
@@ -93,7 +95,7 @@ def synthetic_manifest(
     """
 
     def uri(path: Path) -> str:
-        return f"{uri_prefix.rstrip('/')}/{path.name}" if uri_prefix else str(Path(path).resolve())
+        return join_uri(uri_prefix, path.name) if uri_prefix else str(Path(path).resolve())
 
     splits = stratified_split([s.label for s in slides], fractions, seed=seed)
     rows = [
@@ -122,7 +124,7 @@ class ManifestError(ValueError):
 
 def load_manifest(source: str | Path, storage: Any = None) -> pd.DataFrame:
     """Read a Parquet or CSV manifest from a path or any URI pathray reads slides from."""
-    from pathray.wsi.storage import filesystem, parse_uri, translate_error
+    from pathray.storage import filesystem, parse_uri, translate_error
 
     text = str(source)
     suffix = Path(text.split("?")[0]).suffix.lower()
@@ -179,8 +181,8 @@ def _unreachable(frame: pd.DataFrame, storage: Any, workers: int) -> list[str]:
     """Stat every URI concurrently (object stores answer slowly one by one)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pathray.wsi.errors import SlideError
-    from pathray.wsi.storage import parse_uri, stat
+    from pathray.storage import StorageError, parse_uri, stat
+    from pathray.wsi.backends import as_slide_error
 
     checks: list[tuple[int, str, str, str]] = []
     for i, row in enumerate(frame.to_dict("records"), start=1):
@@ -193,8 +195,8 @@ def _unreachable(frame: pd.DataFrame, storage: Any, workers: int) -> list[str]:
         i, slide_id, column, uri = item
         try:
             stat(parse_uri(uri), storage)
-        except SlideError as exc:
-            return f"row {i} ({slide_id}): {column} {exc}"
+        except StorageError as exc:
+            return f"row {i} ({slide_id}): {column} {as_slide_error(exc) if column == 'uri' else exc}"
         return None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -1,6 +1,7 @@
 """The online-patched tile stream: manifest -> coordinates -> tiles read where they lie -> augmented rows.
 
-    ds = build_tile_dataset(manifest, StreamConfig(), storage, split="train", epoch=0)
+    task = build_task(SegmentationConfig())
+    ds = build_tile_dataset(manifest, StreamConfig(), task, storage, split="train", epoch=0)
     for batch in ds.iter_torch_batches(batch_size=64):   # or ray.train.get_dataset_shard("train")
         images, targets = batch["image"], batch["target"]
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,11 +22,12 @@ import pandas as pd
 
 from pathray.datasets.augment import augment, multicrop
 from pathray.datasets.config import StreamConfig
-from pathray.wsi.errors import SlideError
-from pathray.wsi.samplers import SlideRegions, build_sampler, rng_for
-from pathray.wsi.storage import StorageConfig
-from pathray.wsi.targets import AnnotationIndex, make_target
-from pathray.wsi.tissue import TissueConfig
+from pathray.models.tasks import TaskSpec
+from pathray.registry import SAMPLERS
+from pathray.storage import StorageConfig, StorageError
+from pathray.wsi.annotations import annotation_index
+from pathray.wsi.backends import SlideError, open_slide
+from pathray.wsi.patching import SlideRegions, TissueConfig, build_sampler, rng_for, tissue_mask
 
 if TYPE_CHECKING:
     from pathray.datasets.faults import FaultLedger
@@ -49,8 +50,6 @@ def slide_rows(
     slide, then chunk 1 of every slide, ... so the stream interleaves slides while each reader
     batch still comes from one slide (one open handle, one round of range requests).
     """
-    from pathray.wsi.samplers import SAMPLERS
-
     config = config or StreamConfig()
     frame = manifest if split is None else manifest[manifest["split"] == split]
     if SAMPLERS.get(config.sampler.kind).exhaustive:
@@ -74,28 +73,10 @@ def slide_rows(
 
 def chunk_size(config: StreamConfig, chunk: int) -> int | None:
     """Tiles to draw for ``chunk`` of a slide (None: the exhaustive sampler's all)."""
-    from pathray.wsi.samplers import SAMPLERS
-
     if SAMPLERS.get(config.sampler.kind).exhaustive:
         return None
     per = max(1, config.read_batch)
     return max(0, min(per, config.sampler.tiles_per_slide - chunk * per))
-
-
-_ANNOTATIONS: OrderedDict[str, AnnotationIndex] = OrderedDict()
-
-
-def annotation_index(uri: str, storage: StorageConfig) -> AnnotationIndex:
-    """A slide's parsed annotations, kept per process (every chunk and reader batch reuses them)."""
-    index = _ANNOTATIONS.get(uri)
-    if index is None:
-        index = AnnotationIndex.load(uri or None, storage)
-        _ANNOTATIONS[uri] = index
-        while len(_ANNOTATIONS) > 64:
-            _ANNOTATIONS.popitem(last=False)
-    else:
-        _ANNOTATIONS.move_to_end(uri)
-    return index
 
 
 def sample_slide(
@@ -107,9 +88,6 @@ def sample_slide(
     faults: FaultLedger | None,
 ) -> list[dict[str, Any]]:
     """Coordinates for one (slide, chunk, epoch) row; an unreadable slide yields none and is reported."""
-    from pathray.wsi.open import open_slide
-    from pathray.wsi.tissue import tissue_mask
-
     try:
         slide = open_slide(row["uri"], storage, mpp=row["mpp_override"] or None, tile_cache=config.tile_cache)
         slide.check()
@@ -117,9 +95,9 @@ def sample_slide(
             raise SlideError(row["uri"], "the slide has no usable mpp; set the manifest's mpp column")
         mask = tissue_mask(slide, tissue)
         regions = annotation_index(row["annotations_uri"], storage).regions
-    except (SlideError, ValueError, OSError) as exc:
+    except (StorageError, ValueError, OSError) as exc:
         if faults is not None:
-            faults.slide_failed(row["uri"], str(exc.cause if isinstance(exc, SlideError) else exc))
+            faults.slide_failed(row["uri"], str(exc.cause if isinstance(exc, StorageError) else exc))
         return []
     w, h = slide.dimensions
     geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
@@ -130,12 +108,16 @@ def sample_slide(
 
 
 class TileReader:
-    """A reader actor: keeps slides and annotations open, cuts a batch of tiles per slide at once."""
+    """A reader actor: keeps slides and annotations open, cuts a batch of tiles per slide at once.
+
+    What a tile becomes (an image and its target, or multi-crop views) is the task spec's say.
+    """
 
     def __init__(
-        self, config: StreamConfig, storage: StorageConfig, faults: FaultLedger | None = None
+        self, config: StreamConfig, task: TaskSpec, storage: StorageConfig, faults: FaultLedger | None = None
     ) -> None:
         self.config = config
+        self.task = task
         self.storage = storage
         self.faults = faults
 
@@ -164,8 +146,6 @@ class TileReader:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pathray.wsi.open import open_slide
-
         n = len(batch["x"])
         groups: dict[tuple[str, float, float, int], list[int]] = {}
         for i in range(n):
@@ -194,8 +174,7 @@ class TileReader:
     def _rows(
         self, batch: dict[str, np.ndarray], tiles: list[np.ndarray | None], slide_mpp: dict[str, float]
     ) -> dict[str, np.ndarray]:
-        cfg = self.config
-        task = cfg.target.task
+        cfg, task = self.config, self.task
         cols: dict[str, list[Any]] = {k: [] for k in ("slide_id", "x", "y", "mpp", "label", "epoch")}
         images: dict[str, list[np.ndarray]] = {}
         targets: list[Any] = []
@@ -213,22 +192,16 @@ class TileReader:
             rng = np.random.default_rng(
                 [cfg.seed, int(batch["epoch"][i]), zlib.crc32(slide_id.encode()), x, y]
             )
-            if task == "ssl":
+            if task.views:
                 for name, view in multicrop(tile, cfg.augment, rng).items():
                     images.setdefault(name, []).append(view)
             else:
                 extent = size * mpp / slide_mpp[uri]
-                target = make_target(
-                    annotation_index(str(batch["annotations_uri"][i]), self.storage),
-                    cfg.target,
-                    x,
-                    y,
-                    extent,
-                    size,
-                    str(batch["label"][i]),
-                )
+                index = annotation_index(str(batch["annotations_uri"][i]), self.storage)
+                target = task.target(index, x, y, extent, size, str(batch["label"][i]))
                 if cfg.augmentation:
-                    tile, target = augment(tile, target, task, cfg.augment, rng)
+                    tile, spatial = augment(tile, cfg.augment, rng)
+                    target = task.follow(target, spatial)
                 images.setdefault("image", []).append(tile)
                 targets.append(target)
             for key, value in (
@@ -243,14 +216,15 @@ class TileReader:
         out: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in cols.items()}
         for name, views in images.items():
             out[name] = np.stack(views) if views else np.zeros((0, 1, 1, 3), np.uint8)
-        if task != "ssl":
+        if not task.views:
             out["target"] = np.asarray(targets) if targets else np.zeros((0,), np.int64)
         return out
 
 
 def build_tile_dataset(
     manifest: pd.DataFrame,
-    config: StreamConfig | None = None,
+    config: StreamConfig,
+    task: TaskSpec,
     storage: StorageConfig | None = None,
     *,
     split: str | None = "train",
@@ -262,12 +236,14 @@ def build_tile_dataset(
 ) -> Any:
     """A streaming ``ray.data.Dataset`` of augmented tiles cut on the fly from the manifest's slides.
 
-    Rows: ``image`` (uint8 HWC; for ``ssl`` the views ``global_i``/``local_i`` instead), ``target``
-    (per the task), ``slide_id``, ``x``, ``y`` (level-0 top-left), ``mpp``, ``label`` and ``epoch``.
+    Rows: ``image`` (uint8 HWC) and ``target`` (the task's; for tasks with ``views``, the views
+    ``global_i``/``local_i`` instead), ``slide_id``, ``x``, ``y`` (level-0 top-left), ``mpp``,
+    ``label`` and ``epoch``. Needs a running Ray.
 
     Args:
         manifest: one row per slide (``slide_id, uri, split, annotations_uri``, optional ``mpp``).
-        config: sampling, targets, augmentation and reader settings.
+        config: sampling, augmentation and reader settings.
+        task: what each tile becomes (its target, or views).
         storage: endpoint and credentials for object storage.
         split: which split to stream (None: every slide).
         epoch, worker: with ``config.seed``, select the coordinate stream (never the same twice).
@@ -278,7 +254,6 @@ def build_tile_dataset(
     """
     import ray
 
-    config = config or StreamConfig()
     storage = storage or StorageConfig()
     rows = slide_rows(manifest, split, config, range(epoch, epoch + max(1, epochs)))
     if not rows:
@@ -297,7 +272,7 @@ def build_tile_dataset(
     )
     return coords.map_batches(
         TileReader,
-        fn_constructor_kwargs={"config": config, "storage": storage, "faults": faults},
+        fn_constructor_kwargs={"config": config, "task": task, "storage": storage, "faults": faults},
         batch_size=config.read_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.readers)),

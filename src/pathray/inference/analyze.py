@@ -14,9 +14,9 @@ from pathray.inference.grid import plan_grid
 from pathray.inference.outputs import AnalysisResult
 from pathray.inference.predictor import Predictor
 from pathray.inference.stitch import Stitcher
-from pathray.wsi.open import open_slide
-from pathray.wsi.storage import StorageConfig
-from pathray.wsi.tissue import TissueConfig
+from pathray.storage import StorageConfig
+from pathray.wsi.backends.open import open_slide
+from pathray.wsi.patching.tissue import TissueConfig
 
 
 def analyze_slide(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from pathray.section import Section
 
 
-class InferenceConfig(BaseModel):
+class InferenceConfig(Section):
     """How a slide is cut, predicted and stitched; one section shared by the CLI, batch jobs and Serve."""
-
-    model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(32, ge=1, description="tiles per forward pass")
     overlap: float = Field(0.125, ge=0.0, lt=1.0, description="grid overlap fraction between neighbours")

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pathray.inference.config import InferenceConfig
-from pathray.wsi.errors import SlideReadError
-from pathray.wsi.samplers import SamplerConfig, SlideRegions, TissueGridSampler
-from pathray.wsi.slide import Slide
-from pathray.wsi.tissue import TissueConfig, tissue_mask
-
-if TYPE_CHECKING:
-    from pathray.inference.predictor import ModelSpec
+from pathray.inference.spec import ModelSpec
+from pathray.wsi.backends.errors import SlideReadError
+from pathray.wsi.backends.slide import Slide
+from pathray.wsi.patching.samplers import SamplerConfig, SlideRegions, TissueGridSampler
+from pathray.wsi.patching.tissue import TissueConfig, tissue_mask
 
 
 @dataclass

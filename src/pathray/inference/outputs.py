@@ -9,22 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from pathray.wsi.classes import GLEASON_CLASSES, NUCLEUS_CLASSES
-from pathray.wsi.slide import Slide
-from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
+from pathray.storage import StorageConfig, join_uri, write_bytes
+from pathray.wsi.annotations.classes import class_color
+from pathray.wsi.backends.slide import Slide
 
 NO_DATA = 255
 """Class-map value of pixels that were not analysed (no tissue tile covers them)."""
 OUTPUT_FILES = ("overlay.png", "mask.png", "annotations.geojson", "summary.json")
-_FALLBACK = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
-
-
-def class_color(name: str, i: int = 0) -> tuple[int, int, int]:
-    """The project colour of a known class (as QuPath shows it), else one from a fixed palette."""
-    for cls in GLEASON_CLASSES + NUCLEUS_CLASSES:
-        if cls.name == name:
-            return cls.color
-    return _FALLBACK[i % len(_FALLBACK)]
 
 
 def class_areas_mm2(class_map: np.ndarray, classes: list[str], out_mpp: float) -> dict[str, float]:
@@ -165,13 +156,4 @@ def write_outputs(
         "annotations.geojson": json.dumps(result.geojson(), separators=(",", ":")).encode(),
         "summary.json": json.dumps(result.summary(), indent=2).encode(),
     }
-    location = parse_uri(dest_uri)
-    fs = filesystem(location, storage)
-    fs.makedirs(location.path, exist_ok=True)
-    out = {}
-    for name, data in blobs.items():
-        path = f"{location.path.rstrip('/')}/{name}"
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
-        out[name] = f"{dest_uri.rstrip('/')}/{name}"
-    return out
+    return {name: write_bytes(join_uri(dest_uri, name), data, storage) for name, data in blobs.items()}

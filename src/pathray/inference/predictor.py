@@ -14,7 +14,6 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,52 +26,9 @@ from pathray.inference.points import grid_keys, owned
 from pathray.inference.reader import TileReader
 from pathray.inference.reduce import window_means
 from pathray.inference.results import ChunkResult, TilePredictions
-from pathray.wsi.slide import Slide
-from pathray.wsi.storage import StorageConfig
-
-INSTANCE_CLASSES = ["Background", "Foreground"]
-"""Instance models are stitched as foreground segmentation (the class map and areas) ..."""
-INSTANCE_POINT_CLASSES = ["Instance"]
-"""... and their instances as centroid points, each kept once across tiles (as detections are)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model predicts and from which tiles; ``classes`` are the class-map indices."""
-
-    task: str
-    classes: list[str]
-    point_classes: list[str]
-    tile_size: int
-    tile_mpp: float
-    peak_threshold: float = 0.3
-    match_radius_um: float = 4.0
-    name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def has_map(self) -> bool:
-        return self.task != "detection"
-
-    @property
-    def has_points(self) -> bool:
-        return self.task in ("detection", "instance")
-
-
-def spec_from_config(cfg: Any, name: str = "") -> ModelSpec:
-    """The spec of a package's ``PathrayConfig``: its task and the stream's tile size and first mpp."""
-    sampler, task = cfg.data.stream.sampler, cfg.task
-    instance = task.name == "instance"
-    return ModelSpec(
-        task=task.name,
-        classes=INSTANCE_CLASSES if instance else list(task.classes),
-        point_classes=INSTANCE_POINT_CLASSES if instance else list(task.point_classes),
-        tile_size=int(sampler.size),
-        tile_mpp=float(sampler.mpps[0]),
-        peak_threshold=float(task.peak_threshold),
-        match_radius_um=float(task.match_radius_um),
-        name=name,
-    )
+from pathray.inference.spec import ModelSpec
+from pathray.storage import StorageConfig
+from pathray.wsi.backends.slide import Slide
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +42,7 @@ class Predictor:
 
     Args:
         model: uint8 ``(B, H, W, 3)`` tiles -> task outputs (a ``TaskModel``, or any module alike).
-        spec: what the outputs mean.
+        spec: what the outputs mean (its task spec turns them into probabilities and points).
         config: batch size, reader threads, device, precision.
     """
 
@@ -109,10 +65,9 @@ class Predictor:
         """Load a model package (``save_model_package`` / a training run's ``model/``)."""
         from pathray.models.package import read_model_package
 
-        config = config or InferenceConfig()
         package = read_model_package(uri, storage)
         model, _ = package.build("cpu")
-        return cls(model, spec_from_config(package.config, name=uri), config)
+        return cls(model, ModelSpec.from_package(package.config, name=uri), config)
 
     # -- tiles --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,25 +81,12 @@ class Predictor:
             return self.model(x)
 
     def _probs(self, outputs: Any) -> torch.Tensor:
-        """Class probabilities ``(B, C, H, W)`` (``(B, C, 1, 1)`` for classification)."""
-        out = outputs.float()
-        if self.spec.task == "classification":
-            return out.softmax(1)[:, :, None, None]
-        if self.spec.task == "instance":
-            fg = out[:, :1].sigmoid()
-            return torch.cat([1 - fg, fg], 1)
-        return out.softmax(1)
+        """Class probabilities ``(B, C, H, W)`` (``(B, C, 1, 1)``: one per tile), as the task says."""
+        return self.spec.task.class_probs(outputs)
 
     def _points(self, outputs: Any) -> list[np.ndarray]:
-        """Per tile ``(n, 4)`` ``(x, y, class, score)`` in tile px: detections, or instance centroids."""
-        if self.spec.task == "instance":
-            from pathray.models.instance import instance_centroids
-
-            probs = outputs[:, :2].float().sigmoid().cpu().numpy()
-            return [instance_centroids(p[0], p[1]) for p in probs]
-        from pathray.models.detection import decode_points
-
-        return decode_points(outputs.float().sigmoid(), self.spec.peak_threshold)
+        """Per tile ``(n, 4)`` ``(x, y, class, score)`` in tile px (detections, instance centroids)."""
+        return self.spec.task.points(outputs)
 
     def predict_tiles(self, images: np.ndarray) -> TilePredictions:
         """Predictions of uint8 ``(N, H, W, 3)`` tiles, in batches of ``config.batch_size``."""
@@ -175,7 +117,7 @@ class Predictor:
     ) -> Iterator[ChunkResult]:
         """Chunk results in order, while reader threads read ahead (also across chunk borders)."""
         if isinstance(slide, str):
-            from pathray.wsi.open import open_slide
+            from pathray.wsi.backends.open import open_slide
 
             slide = open_slide(slide, storage)
         chunks = list(chunks)

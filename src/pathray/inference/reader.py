@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pathray.inference.grid import Chunk, GridPlan
-from pathray.wsi.slide import Slide
+from pathray.wsi.backends.slide import Slide
 
 
 class BatchBuffers:

@@ -9,8 +9,8 @@ import numpy as np
 from pathray.inference.grid import GridPlan
 from pathray.inference.outputs import NO_DATA, AnalysisResult, class_areas_mm2
 from pathray.inference.points import suppress_duplicates
-from pathray.inference.predictor import ModelSpec
 from pathray.inference.results import ChunkResult
+from pathray.inference.spec import ModelSpec
 
 
 class Stitcher:
@@ -100,7 +100,7 @@ class Stitcher:
             model=spec.name,
             classes=list(spec.classes),
             point_classes=list(spec.point_classes),
-            task=spec.task,
+            task=spec.task_name,
             out_mpp=plan.out_mpp,
             slide_mpp=plan.slide_mpp,
             tiles=plan.n_tiles,

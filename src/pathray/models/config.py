@@ -2,48 +2,45 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
 
-from pathray.wsi.classes import GLEASON_CLASSES, NUCLEUS_CLASSES
+from pydantic import Field, SerializeAsAny, ValidationError, WrapValidator
 
-
-class TaskConfig(BaseModel):
-    """What to learn and how to score it; class order is the output channel order."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(
-        "segmentation", description="registry key: segmentation, classification, detection, ..."
-    )
-    classes: list[str] = Field(default_factory=lambda: [c.name for c in GLEASON_CLASSES])
-    point_classes: list[str] = Field(default_factory=lambda: [c.name for c in NUCLEUS_CLASSES])
-    dice_weight: float = Field(1.0, description="segmentation: loss = CE + dice_weight * soft Dice")
-    detection_sigma_um: float = Field(2.0, gt=0, description="detection: gaussian heatmap sigma, µm")
-    match_radius_um: float = Field(4.0, gt=0, description="detection: true/predicted points match within")
-    peak_threshold: float = Field(0.3, description="detection: least heatmap value of a predicted point")
-    # ssl / DINO
-    out_dim: int = 4096
-    head_hidden: int = 512
-    head_bottleneck: int = 128
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_epochs_frac: float = Field(0.3, ge=0, le=1, description="fraction of training")
-    center_momentum: float = 0.9
-    ema_momentum: float = Field(0.996, description="teacher EMA momentum at the start (cosine to 1)")
+from pathray.models.tasks import TaskConfigBase, task_config
+from pathray.registry import RegistryError
+from pathray.section import Section
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(Section):
     """Which backbone, which weights, and how wide the dense map is."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("foundation", description="registry key: foundation, cnn, debug_vit, debug_cnn")
     model: str | None = Field(None, description="timm model name; None: the engine's default")
     weights: str | None = Field(
         None, description="None: random init; a local .pt/.pth/.safetensors file; 'timm:<hub-id>'"
     )
-    img_size: int = Field(224, description="input size: the ViT img_size, and data_config input_size")
-    dense_channels: int = Field(64, description="channels of the stride-4 dense map")
+    img_size: int | None = Field(
+        None,
+        ge=8,
+        description="the ViT's input size; None: the tile size the model sees (the project fills it in)",
+    )
+    dense_channels: int = Field(64, ge=1, description="channels of the stride-4 dense map")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate of the backbone")
     freeze_backbone: bool = Field(False, description="train the decoder (and heads) only")
+
+
+def _by_name(value: Any, handler: Any) -> TaskConfigBase:
+    """Validate a task section with the config type of the task it names (a discriminated union whose
+    members are the registered task specs)."""
+    try:
+        return task_config(value)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    except ValidationError as exc:  # the task's own fields: name each one, as nested sections do
+        raise ValueError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+
+
+TaskConfig = Annotated[SerializeAsAny[TaskConfigBase], WrapValidator(_by_name)]
+"""A task section: ``name`` picks the task spec, whose own config type validates the rest."""

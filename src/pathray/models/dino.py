@@ -2,7 +2,7 @@
 
 The training loop owns the student and the teacher; this module gives the pieces:
 
-    task = build_task(TaskConfig(name="ssl"))
+    task = build_task(SslConfig())
     student = DinoModel(engine, task.build_head(engine.embed_dim, engine.dense_channels))
     teacher = make_teacher(student)                 # a frozen copy, moved by EMA only
     for step, batch in enumerate(batches):
@@ -22,17 +22,23 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from pathray.models.metrics import EmbeddingMetric
-from pathray.models.tasks import BaseTask, TaskConfig
-from pathray.registry import TASKS
+
+class DinoSettings(Protocol):
+    """What the DINO loss reads (an ``SslConfig`` has it): prototypes, temperatures, centring."""
+
+    out_dim: int
+    student_temp: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    warmup_teacher_epochs_frac: float
+    center_momentum: float
 
 
 class DinoHead(nn.Module):
@@ -100,7 +106,7 @@ def cosine_momentum(progress: float, base: float = 0.996, final: float = 1.0) ->
     return final - (final - base) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def teacher_temperature(progress: float, config: TaskConfig) -> float:
+def teacher_temperature(progress: float, config: DinoSettings) -> float:
     """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` over the first
     ``warmup_teacher_epochs_frac`` of training, then constant (soft targets early: no collapse)."""
     warm = config.warmup_teacher_epochs_frac
@@ -121,7 +127,7 @@ class DinoLoss(nn.Module):
     ``torch.distributed`` is initialised).
     """
 
-    def __init__(self, config: TaskConfig) -> None:
+    def __init__(self, config: DinoSettings) -> None:
         super().__init__()
         self.config = config
         self.register_buffer("center", torch.zeros(1, config.out_dim))
@@ -190,7 +196,7 @@ def dino_forward(
 
 
 def dino_step(
-    task: SslTask,
+    task: Any,
     student: nn.Module,
     teacher: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -210,35 +216,3 @@ def dino_step(
     momentum = task.teacher_momentum(progress)
     update_teacher(student, teacher, momentum)
     return {"loss": float(loss.detach()), "teacher_momentum": momentum}
-
-
-@TASKS.register("ssl")
-class SslTask(BaseTask):
-    """DINO: outputs are ``dino_forward``'s dict; the loss keeps its centre as state."""
-
-    def __init__(self, config: TaskConfig) -> None:
-        super().__init__(config)
-        self.criterion = DinoLoss(config)
-
-    def build_head(self, embed_dim: int, dense_channels: int) -> DinoHead:
-        c = self.config
-        return DinoHead(embed_dim, c.out_dim, c.head_hidden, c.head_bottleneck)
-
-    def loss(self, outputs: dict[str, Any], batch: dict[str, Any], progress: float = 0.0) -> Tensor:
-        return self.criterion(outputs["student"], outputs["teacher"], progress)
-
-    def teacher_momentum(self, progress: float) -> float:
-        return cosine_momentum(progress, self.config.ema_momentum)
-
-    def metrics(self) -> EmbeddingMetric:
-        return EmbeddingMetric()
-
-    def predict(self, outputs: dict[str, Any], batch: dict[str, Any] | None = None) -> np.ndarray:
-        """``(B, embed_dim)`` float32 teacher embeddings of the first global view."""
-        return outputs["embedding"].detach().float().cpu().numpy()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"center": self.criterion.center.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.criterion.center = state["center"].clone().to(self.criterion.center.device)

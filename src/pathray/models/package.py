@@ -1,81 +1,148 @@
-"""A model package: the folder a training run exports and a predictor or Serve replica loads.
+"""A model package: what a training run exports and a predictor or Serve replica loads. No pickle.
 
-``<uri>/config.yaml`` is the run's resolved config; ``<uri>/model.pt`` holds the weights and a
-little metadata. The folder may lie on disk or in a bucket: it is read and written with fsspec.
+    <uri>/model.yaml             engine, task, input tile size and mpp, normalisation, meta
+    <uri>/weights.safetensors    the task model's state dict
+
+The folder may lie on disk or in a bucket. Loading parses YAML and safetensors only, so whoever
+can write to a model store can at worst serve wrong weights, never run code in a replica.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+from pydantic import Field
 
-from pathray.config import PathrayConfig, dump_config
-from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
+from pathray.models.config import EngineConfig, TaskConfig
+from pathray.section import Section, validate
+from pathray.storage import ObjectNotFoundError, StorageConfig, join_uri, read_bytes, write_bytes
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.pt"
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from pathray.models.task_model import TaskModel
+    from pathray.models.tasks import TaskSpec
+
+CONFIG_FILE = "model.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT = "pathray.model/1"
+
+
+class InputSection(Section):
+    """The tiles the model was trained on: it sees the same at inference."""
+
+    tile_size: int = Field(..., ge=8, description="tile side in px")
+    mpp: float = Field(..., gt=0, description="µm per pixel of the tiles")
+
+
+class Normalisation(Section):
+    """Per-channel mean and std applied to tiles scaled to 0-1."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class PackageConfig(Section):
+    """``model.yaml``: everything needed to rebuild the model and to know what it predicts."""
+
+    format: Literal["pathray.model/1"] = FORMAT
+    engine: EngineConfig
+    task: TaskConfig
+    input: InputSection
+    normalisation: Normalisation
+    meta: dict[str, Any] = Field(default_factory=dict, description="run, step, metrics, source weights")
 
 
 @dataclass
 class ModelPackage:
-    """A package's config, weights (a state dict) and metadata (run name, step, metrics)."""
+    """A package's config and weights (a state dict of tensors)."""
 
-    config: PathrayConfig
-    state: dict[str, Any]
-    meta: dict[str, Any] = field(default_factory=dict)
+    config: PackageConfig
+    state: dict[str, Tensor]
 
-    def build(self, device: str = "cpu") -> tuple[Any, Any]:
-        """The task model with the package's weights, in eval mode, and its task."""
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.config.meta
+
+    def build(self, device: str = "cpu") -> tuple[TaskModel, TaskSpec]:
+        """The task model with the package's weights and normalisation, in eval mode, and its task."""
         from pathray.models.task_model import build_model
 
-        cfg = self.config.model_copy(
-            update={"engine": self.config.engine.model_copy(update={"weights": None})}
-        )
-        model, task = build_model(cfg)
-        model.load_state_dict(self.state)
+        engine = self.config.engine.model_copy(update={"weights": None})
+        model, task = build_model(engine, self.config.task)
+        model.load_state_dict(self.state, strict=True)
+        norm = self.config.normalisation
+        model.engine.set_normalization(norm.mean, norm.std)
         return model.to(device).eval(), task
 
 
-def _join(uri: str, name: str) -> str:
-    return f"{uri.rstrip('/')}/{name}"
-
-
-def save_model_package(
-    uri: str,
-    config: PathrayConfig,
-    state: dict[str, Any],
+def package_config(
+    engine: EngineConfig,
+    task: Any,
+    tile_size: int,
+    mpp: float,
+    normalisation: dict[str, Any],
     meta: dict[str, Any] | None = None,
-    storage: StorageConfig | None = None,
-) -> str:
-    """Write a package to ``uri`` (a folder path or a bucket prefix); returns ``uri``."""
-    import torch
+) -> PackageConfig:
+    """The ``model.yaml`` of a trained model; the engine's own weights source moves to ``meta``."""
+    meta = json.loads(json.dumps({**(meta or {}), "init_weights": engine.weights}, default=float))
+    return PackageConfig(
+        engine=engine.model_copy(update={"weights": None}),
+        task=task,
+        input=InputSection(tile_size=tile_size, mpp=mpp),
+        normalisation=Normalisation(mean=normalisation["mean"], std=normalisation["std"]),
+        meta=meta,
+    )
 
-    location = parse_uri(uri)
-    fs = filesystem(location, storage)
-    fs.makedirs(location.path, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"model": state, "meta": json.loads(json.dumps(meta or {}, default=float))}, buf)
-    # whole-object writes: s3fs refuses to open a file for writing with the small read block size
-    fs.pipe_file(_join(location.path, WEIGHTS_FILE), buf.getvalue())
-    fs.pipe_file(_join(location.path, CONFIG_FILE), dump_config(config).encode())
+
+def package_model(
+    model: TaskModel,
+    engine: EngineConfig,
+    task: Any,
+    tile_size: int,
+    mpp: float,
+    meta: dict[str, Any] | None = None,
+) -> ModelPackage:
+    """A built task model as a package: its weights, and its normalisation read from its engine."""
+    config = package_config(engine, task, tile_size, mpp, model.engine.data_config, meta)
+    return ModelPackage(config, model.state_dict())
+
+
+def save_model_package(uri: str, package: ModelPackage, storage: StorageConfig | None = None) -> str:
+    """Write a package to ``uri`` (a folder path or a bucket prefix); returns ``uri``."""
+    from safetensors.torch import save
+
+    weights = save({k: v.detach().cpu().contiguous() for k, v in package.state.items()})
+    write_bytes(join_uri(uri, WEIGHTS_FILE), weights, storage)
+    text = yaml.safe_dump(package.config.model_dump(mode="json"), sort_keys=False)
+    write_bytes(join_uri(uri, CONFIG_FILE), text.encode(), storage)
     return uri
 
 
-def read_model_package(uri: str, storage: StorageConfig | None = None) -> ModelPackage:
-    """Read a package; a missing folder or file raises FileNotFoundError naming ``uri``."""
-    import torch
+def read_package_config(uri: str, storage: StorageConfig | None = None) -> PackageConfig:
+    """A package's ``model.yaml`` alone (what the Serve ingress and the model list read).
 
-    location = parse_uri(uri)
-    fs = filesystem(location, storage)
+    Raises:
+        FileNotFoundError: ``uri`` holds no package.
+        ConfigError: the file is not a package config of this version.
+    """
     try:
-        with fs.open(_join(location.path, CONFIG_FILE), "r") as fh:
-            config = PathrayConfig.model_validate(yaml.safe_load(fh.read()))
-        with fs.open(_join(location.path, WEIGHTS_FILE), "rb") as fh:
-            saved = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+        text = read_bytes(join_uri(uri, CONFIG_FILE), storage)
+    except ObjectNotFoundError:
         raise FileNotFoundError(f"{uri} is not a model package ({CONFIG_FILE} + {WEIGHTS_FILE})") from None
-    return ModelPackage(config, saved["model"], saved.get("meta", {}))
+    return validate(PackageConfig, yaml.safe_load(text) or {}, f"{join_uri(uri, CONFIG_FILE)}: ")
+
+
+def read_model_package(uri: str, storage: StorageConfig | None = None) -> ModelPackage:
+    """A package's config and weights; a missing folder or file raises FileNotFoundError naming ``uri``."""
+    from safetensors.torch import load
+
+    config = read_package_config(uri, storage)
+    try:
+        weights = read_bytes(join_uri(uri, WEIGHTS_FILE), storage)
+    except ObjectNotFoundError:
+        raise FileNotFoundError(f"{uri} is not a model package ({CONFIG_FILE} + {WEIGHTS_FILE})") from None
+    return ModelPackage(config, load(weights))

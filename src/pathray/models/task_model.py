@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from pathray.config import PathrayConfig
+from pathray.models.config import EngineConfig
+from pathray.models.tasks import TaskConfigBase, TaskSpec, build_task
 
 
 class TaskModel(nn.Module):
@@ -24,11 +26,12 @@ class TaskModel(nn.Module):
         return self.head(pooled, dense, tuple(x.shape[-2:]))
 
 
-def build_model(cfg: PathrayConfig) -> tuple[TaskModel, Any]:
-    """The engine and task the config names, joined into one module."""
+def build_model(
+    engine: EngineConfig, task: TaskSpec | TaskConfigBase | Mapping[str, Any]
+) -> tuple[TaskModel, TaskSpec]:
+    """The engine and the task's head joined into one module, and the task's spec."""
     from pathray.models.engines import build_engine
-    from pathray.models.tasks import build_task
 
-    engine = build_engine(cfg.engine)
-    task = build_task(cfg.task)
-    return TaskModel(engine, task.build_head(engine.embed_dim, engine.dense_channels)), task
+    spec = task if isinstance(task, TaskSpec) else build_task(task)
+    backbone = build_engine(engine)
+    return TaskModel(backbone, spec.build_head(backbone.embed_dim, backbone.dense_channels)), spec

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathray.models.engines import Engine, EngineConfig, conv_norm_act, create_backbone
-from pathray.registry import ENGINES
+from pathray.models.config import EngineConfig
+from pathray.models.engine import Engine, conv_norm_act, create_backbone
 
 
 class UNetDecoder(nn.Module):
@@ -42,9 +42,9 @@ class UNetDecoder(nn.Module):
         return self.out(x)
 
 
-@ENGINES.register("cnn")
 class CNNEngine(Engine):
-    """timm CNN (default ``resnet50``, random init) + ``UNetDecoder`` over its stride >= 4 features;
+    """A timm CNN (``config.model``, else ``default_model``; random init by default) + ``UNetDecoder``
+    over its stride >= 4 features;
     pooled = global average of the deepest feature map.
 
     LR decay counts encoder stages: the modules up to the first feature (the stem) are stage 0,
@@ -52,13 +52,8 @@ class CNNEngine(Engine):
     Models whose features come from hooks rather than top-level modules get no decay.
     """
 
-    default_model: ClassVar[str] = "resnet50"
-    model_kwargs: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, config: EngineConfig) -> None:
-        backbone = create_backbone(
-            config, self.default_model, optional={}, features_only=True, **self.model_kwargs
-        )
+    def __init__(self, config: EngineConfig, default_model: str = "resnet50", **model_kwargs: Any) -> None:
+        backbone = create_backbone(config, default_model, optional={}, features_only=True, **model_kwargs)
         info = backbone.feature_info
         keep = [i for i, r in enumerate(info.reduction()) if r >= self.dense_stride]
         channels = [info.channels()[i] for i in keep]
@@ -97,11 +92,3 @@ class CNNEngine(Engine):
             (k.replace(".", "_", 1) if k not in own and k.replace(".", "_", 1) in own else k): v
             for k, v in state.items()
         }
-
-
-@ENGINES.register("debug_cnn")
-class DebugCNNEngine(CNNEngine):
-    """``resnet18`` with one block per stage and 16-128 channels (~0.3M parameters): for tests and CI."""
-
-    default_model = "resnet18"
-    model_kwargs = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathray.models.engines import Engine, EngineConfig, conv_norm_act, create_backbone
+from pathray.models.config import EngineConfig
+from pathray.models.engine import Engine, conv_norm_act, create_backbone
 from pathray.models.timm_compat import import_timm
-from pathray.registry import ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,8 @@ class TokenDecoder(nn.Module):
         return self.out(x)
 
 
-@ENGINES.register("foundation")
 class ViTEngine(Engine):
-    """timm ViT (default ``vit_small_patch16_224``): pooled = the model's pooled output (CLS token
+    """A timm ViT (``config.model``, else ``default_model``): pooled = the model's pooled output (CLS token
     for ``global_pool="token"``), dense = patch tokens (prefix tokens dropped) through ``TokenDecoder``.
 
     Built with ``dynamic_img_size=True``, so inputs other than ``img_size`` work by interpolating
@@ -53,17 +52,12 @@ class ViTEngine(Engine):
     block ``i`` is layer ``i + 1``, the final norm is layer ``depth + 1``.
     """
 
-    default_model: ClassVar[str] = "vit_small_patch16_224"
-    model_kwargs: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, default_model: str = "vit_small_patch16_224", **model_kwargs: Any
+    ) -> None:
+        size = {"img_size": config.img_size} if config.img_size else {}
         backbone = create_backbone(
-            config,
-            self.default_model,
-            optional={"dynamic_img_size": True},
-            num_classes=0,
-            img_size=config.img_size,
-            **self.model_kwargs,
+            config, default_model, optional={"dynamic_img_size": True}, num_classes=0, **size, **model_kwargs
         )
         super().__init__(config, backbone, embed_dim=backbone.num_features)
         self.num_layers = len(backbone.blocks) + 1
@@ -110,11 +104,3 @@ class ViTEngine(Engine):
         )
         log.info("resampled pos_embed %s -> %s", tuple(posemb.shape), tuple(resampled.shape))
         return {**state, "pos_embed": resampled}
-
-
-@ENGINES.register("debug_vit")
-class DebugViTEngine(ViTEngine):
-    """Two blocks of ``vit_tiny_patch16_224`` (~1M parameters): for tests and CI."""
-
-    default_model = "vit_tiny_patch16_224"
-    model_kwargs = {"depth": 2}

@@ -17,14 +17,10 @@ import numpy as np
 import pandas as pd
 
 from pathray.inference.config import InferenceConfig
-from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
-from pathray.wsi.tissue import TissueConfig
+from pathray.storage import StorageConfig, join_uri, write_bytes
+from pathray.wsi.patching.tissue import TissueConfig
 
 SUMMARY_FILES = ("summary.parquet", "summary.csv")
-
-
-def _join(uri: str, name: str) -> str:
-    return f"{uri.rstrip('/')}/{name}"
 
 
 class SlideAnalyzer:
@@ -60,7 +56,7 @@ class SlideAnalyzer:
     def analyze_one(self, slide_id: str, uri: str) -> dict[str, Any]:
         from pathray.inference.analyze import analyze_slide
         from pathray.inference.outputs import write_outputs
-        from pathray.wsi.open import open_slide
+        from pathray.wsi.backends.open import open_slide
 
         row: dict[str, Any] = {
             "slide_id": slide_id,
@@ -72,7 +68,7 @@ class SlideAnalyzer:
         t0 = time.perf_counter()
         try:
             result = analyze_slide(uri, self.predictor, self.storage, self.tissue)
-            dest = _join(self.out_uri, slide_id)
+            dest = join_uri(self.out_uri, slide_id)
             write_outputs(result, dest, open_slide(uri, self.storage), self.storage)
         except Exception as exc:  # noqa: BLE001 - one bad slide is a row, not the end of the run
             row.update(status="failed", reason=str(exc) or type(exc).__name__)
@@ -155,11 +151,10 @@ def analyze_manifest(
 
 def write_summary(table: pd.DataFrame, out_uri: str, storage: StorageConfig | None = None) -> dict[str, str]:
     """``summary.parquet`` and ``summary.csv`` under ``out_uri`` (a folder or a bucket prefix)."""
-    location = parse_uri(out_uri)
-    fs = filesystem(location, storage)
-    fs.makedirs(location.path, exist_ok=True)
-    with fs.open(_join(location.path, "summary.parquet"), "wb") as fh:
-        table.to_parquet(fh, index=False)
-    with fs.open(_join(location.path, "summary.csv"), "w") as fh:
-        table.to_csv(fh, index=False, float_format="%.6g")
-    return {name: _join(out_uri, name) for name in SUMMARY_FILES}
+    import io
+
+    parquet = io.BytesIO()
+    table.to_parquet(parquet, index=False)
+    csv = table.to_csv(index=False, float_format="%.6g").encode()
+    blobs = {"summary.parquet": parquet.getvalue(), "summary.csv": csv}
+    return {name: write_bytes(join_uri(out_uri, name), blobs[name], storage) for name in SUMMARY_FILES}

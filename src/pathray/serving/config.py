@@ -5,17 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from pathray.inference.config import InferenceConfig
-from pathray.wsi.storage import StorageConfig
-from pathray.wsi.tissue import TissueConfig
-
-
-class Section(BaseModel):
-    """Unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
+from pathray.section import Section
+from pathray.storage import StorageConfig
+from pathray.wsi.patching import TissueConfig
 
 
 class HttpSection(Section):
@@ -98,7 +93,9 @@ class SecuritySection(Section):
         default_factory=list,
         description="slide URIs must lie under one of these (e.g. s3://slides/, file:///data/slides/)",
     )
-    token: SecretStr | None = Field(None, description="bearer token; None: read from token_env")
+    token: SecretStr | None = Field(
+        None, exclude=True, description="bearer token (never written anywhere); None: read from token_env"
+    )
     token_env: str = Field("PATHRAY_SERVE_TOKEN", description="environment variable holding the token")
 
     @field_validator("allowed_prefixes")
@@ -107,6 +104,19 @@ class SecuritySection(Section):
         from pathray.serving.security import normalise_prefix
 
         return [normalise_prefix(p) for p in value]
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled for a replica (and stored by Serve with the app) without the token: replicas read
+        ``token_env``."""
+        state = super().__getstate__()
+        state["__dict__"] = {**state["__dict__"], "token": None}
+        return state
+
+    def export_env(self) -> None:
+        """Put a token given in the config into ``token_env``, where the replicas of a local Ray
+        started after this call read it."""
+        if self.token is not None and self.token.get_secret_value():
+            os.environ[self.token_env] = self.token.get_secret_value()
 
     def resolved_token(self) -> str | None:
         """The configured token, else the environment's; empty means no auth."""

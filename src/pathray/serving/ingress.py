@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -38,8 +39,10 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, config: ServeAppConfig, needs_token: bool) -> None:
         from pathray.serving.service import AnalysisService
+        from pathray.serving.store import ModelStore
 
         self.model, self.config = model, config
+        self.models = ModelStore(config.serve.models, config.storage)
         self.token = config.serve.security.resolved_token()
         if needs_token and self.token is None:
             raise RuntimeError(
@@ -49,7 +52,8 @@ class Ingress:
         self.service = AnalysisService(config, self._spec, self._chunk, replica_died)
 
     async def _spec(self, model_id: str) -> Any:
-        return await self.model.options(multiplexed_model_id=model_id).spec.remote()
+        """The model's spec from its package's YAML: planning a slide loads no weights anywhere."""
+        return await asyncio.to_thread(self.models.spec, model_id)
 
     async def _chunk(self, model_id: str, plan: Any, chunk: Any) -> Any:
         return await self.model.options(multiplexed_model_id=model_id).predict_chunk.remote(plan, chunk)

@@ -108,10 +108,6 @@ class ModelServer:
     async def _predictor(self) -> Any:
         return await self._get_model(serve.get_multiplexed_model_id())
 
-    async def spec(self) -> Any:
-        """The model's ModelSpec (the ingress plans the grid with it); loads the model if needed."""
-        return (await self._predictor()).spec
-
     async def predict_chunk(self, plan: Any, chunk: Any) -> Any:
         """Read ``chunk``'s tiles of ``plan.slide_uri``, predict them, return a compact ChunkResult."""
         from pathray.inference.config import InferenceConfig

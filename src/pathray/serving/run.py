@@ -15,17 +15,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_app(cfg: ServeAppConfig) -> str:
-    """Deploy the app (starting a local Ray if none is connected); returns its base URL.
+    """Deploy the app on the connected Ray (entry points start or attach one); returns its base URL.
 
     Port 0 picks a free port. Serve's HTTP options are fixed once Serve runs on a cluster, so a
     second app on the same cluster shares the first one's host and port.
     """
     from ray import serve
 
-    from pathray.cluster.ray_local import ensure_ray
     from pathray.serving.app import build_app
 
-    ensure_ray()
     http = cfg.serve.http
     port = http.port or free_port(http.host)
     serve.start(http_options={"host": http.host, "port": port})

@@ -26,7 +26,7 @@ class AnalysisService:
 
     Args:
         config: the app config.
-        spec_of: model id -> its ModelSpec (asks a model replica).
+        spec_of: model id -> its ModelSpec (read from the model store).
         run_chunk: (model id, plan, chunk) -> ChunkResult (a model replica does the work).
         retryable: whether a chunk error means "the replica died, try again" rather than a bad slide.
     """
@@ -131,7 +131,7 @@ class AnalysisService:
     async def _analyse(self, analysis: Analysis) -> None:
         from pathray.inference.grid import plan_grid
         from pathray.inference.stitch import Stitcher
-        from pathray.wsi.open import open_slide
+        from pathray.wsi.backends.open import open_slide
 
         t0 = time.time()
         slide = await asyncio.to_thread(open_slide, analysis.uri, self.config.storage)

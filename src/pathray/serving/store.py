@@ -5,38 +5,33 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
-
-from pathray.models.package import CONFIG_FILE, WEIGHTS_FILE
+from pathray.inference.spec import ModelSpec
+from pathray.models.package import CONFIG_FILE, WEIGHTS_FILE, PackageConfig, read_package_config
 from pathray.serving.security import is_safe_id
-from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
+from pathray.storage import (
+    ObjectNotFoundError,
+    StorageConfig,
+    filesystem,
+    join_uri,
+    parse_uri,
+    read_bytes,
+    write_bytes,
+)
 
 
-def join(uri: str, *names: str) -> str:
-    """``uri/name/...`` for folders and bucket prefixes alike."""
-    return "/".join([uri.rstrip("/"), *names])
-
-
-class _Store:
-    """A folder or bucket prefix read and written with fsspec."""
-
-    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
-        self.uri = uri
-        self.storage = storage
-        self._location = parse_uri(uri)
-
-    def _fs(self) -> Any:
-        return filesystem(self._location, self.storage)
-
-
-class ModelStore(_Store):
+class ModelStore:
     """A folder or bucket prefix of model packages (``pathray.models.package``); id = sub-folder name.
 
-    A sub-folder is a package itself (``<id>/config.yaml`` + ``<id>/model.pt``) or a training run
-    that exported one (``<id>/model/...``), so a runs folder can be served as it is.
+    A sub-folder is a package itself (``<id>/model.yaml`` + ``<id>/weights.safetensors``) or a
+    training run that exported one (``<id>/model/...``), so a runs folder can be served as it is.
+    Only the packages' YAML is read here: the ingress plans slides without loading any weights.
     """
 
     LAYOUTS = ("", "model/")
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
+        self.uri, self.storage = uri, storage
+        self._location = parse_uri(uri)
 
     def _package_dir(self, fs: Any, model_id: str) -> str | None:
         """``<id>/`` or ``<id>/model/`` (relative to the store), whichever holds a package."""
@@ -49,7 +44,7 @@ class ModelStore(_Store):
 
     def ids(self) -> list[str]:
         """Model ids: the sub-folders holding a package (or a run's exported one), sorted."""
-        fs = self._fs()
+        fs = filesystem(self._location, self.storage)
         root = self._location.path.rstrip("/")
         fs.invalidate_cache(root)  # bucket listings are cached by s3fs; new packages must show
         try:
@@ -65,43 +60,44 @@ class ModelStore(_Store):
         """The package URI of ``model_id``; ValueError for ids that are not plain names or packages."""
         if not is_safe_id(model_id):
             raise ValueError(f"model id {model_id!r} is not a plain name")
-        folder = self._package_dir(self._fs(), model_id)
+        folder = self._package_dir(filesystem(self._location, self.storage), model_id)
         if folder is None:
             raise FileNotFoundError(f"no model package {model_id!r} in {self.uri}")
-        return join(self.uri, folder.rstrip("/"))
+        return join_uri(self.uri, folder)
+
+    def config(self, model_id: str) -> PackageConfig:
+        """The package's ``model.yaml``."""
+        return read_package_config(self.uri_for(model_id), self.storage)
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """What the model predicts and from which tiles (the ingress plans the grid with it)."""
+        return ModelSpec.from_package(self.config(model_id), name=model_id)
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """What ``GET /v1/models`` shows of a model: task, engine, classes (from its config only)."""
-        fs = self._fs()
-        package = parse_uri(self.uri_for(model_id)).path
-        with fs.open(f"{package}/{CONFIG_FILE}", "r") as fh:
-            cfg = yaml.safe_load(fh.read()) or {}
-        task, engine = cfg.get("task") or {}, cfg.get("engine") or {}
-        info: dict[str, Any] = {"id": model_id, "task": task.get("name"), "engine": engine.get("name")}
-        info["classes"] = task.get("point_classes" if task.get("name") == "detection" else "classes")
-        return info
+        config = self.config(model_id)
+        task = ModelSpec.from_package(config, name=model_id).task
+        return {"id": model_id, "task": task.name, "engine": config.engine.name, "classes": task.classes}
 
 
-class ResultStore(_Store):
+class ResultStore:
     """``<output>/<analysis id>/``: outputs and status.json, so results outlive any replica."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
+        self.uri, self.storage = uri, storage
 
     def dest(self, analysis_id: str) -> str:
         """The URI of one analysis's folder (what ``write_outputs`` writes into)."""
-        return join(self.uri, analysis_id)
+        return join_uri(self.uri, analysis_id)
 
-    def _path(self, analysis_id: str, name: str) -> str:
+    def _uri(self, analysis_id: str, name: str) -> str:
         if not is_safe_id(analysis_id) or not is_safe_id(name):
             raise ValueError(f"not a safe name: {analysis_id!r}/{name!r}")
-        return f"{self._location.path.rstrip('/')}/{analysis_id}/{name}"
+        return join_uri(self.uri, analysis_id, name)
 
     def write_bytes(self, analysis_id: str, name: str, data: bytes) -> str:
         """Write one whole object (one PUT on object storage), replacing any earlier version."""
-        fs = self._fs()
-        path = self._path(analysis_id, name)
-        if self._location.is_local:
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
-        return join(self.dest(analysis_id), name)
+        return write_bytes(self._uri(analysis_id, name), data, self.storage)
 
     def write_json(self, analysis_id: str, name: str, doc: dict[str, Any]) -> None:
         """Write ``doc`` as JSON, replacing any earlier version."""
@@ -109,11 +105,9 @@ class ResultStore(_Store):
 
     def read_bytes(self, analysis_id: str, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
-        fs = self._fs()
         try:
-            with fs.open(self._path(analysis_id, name), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
+            return read_bytes(self._uri(analysis_id, name), self.storage)
+        except ObjectNotFoundError:
             return None
 
     def read_json(self, analysis_id: str, name: str) -> dict[str, Any] | None:

@@ -1,17 +1,26 @@
-"""Training settings (Ray-free) and the engine-specific defaults a project switches with its engine."""
+"""Training sections (Ray-free) and the project config a training run takes.
+
+A project names its engine and task once; the rest follows from them when the project is
+validated: the engine's registered defaults (tile size and mpp, lr, batch, steps) fill in what the
+project did not set, and the ViT's input size is the tile size the model sees.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
+
+from pathray.datasets.config import DataConfig
+from pathray.models.config import EngineConfig, TaskConfig
+from pathray.models.tasks import SegmentationConfig, TaskSpec, build_task
+from pathray.registry import RegistryError
+from pathray.section import Section, deep_merge
+from pathray.storage import StorageConfig
+from pathray.wsi.patching import TissueConfig
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW with warmup + cosine decay, layer-wise LR decay for ViTs."""
 
     lr: float = 1e-4
@@ -24,7 +33,7 @@ class OptimConfig(_Section):
     clip_grad: float | None = 1.0
 
 
-class ScaleConfig(_Section):
+class ScaleConfig(Section):
     """How many workers and what each gets (Ray Train ScalingConfig)."""
 
     workers: int = 1
@@ -40,7 +49,7 @@ class ScaleConfig(_Section):
     precision: str = Field("bf16", description="autocast dtype on GPU: bf16 or fp32")
 
 
-class RunSection(_Section):
+class RunSection(Section):
     """Where a run lives and how it survives failures."""
 
     name: str | None = Field(None, description="run name (default: project-engine-task-timestamp)")
@@ -51,7 +60,7 @@ class RunSection(_Section):
     log_every: int = 10
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The length of training and what is evaluated after it."""
 
     steps: int = 1000
@@ -65,44 +74,48 @@ class TrainConfig(_Section):
     weights_digest: bool = Field(False, description="each rank writes a digest of its weights at checkpoints")
 
 
-# What switching `engine.name` brings with it. A project's own values always win.
-ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "foundation": {
-        "data": {"stream": {"sampler": {"size": 224, "mpps": [0.5]}}},
-        "optim": {"lr": 1e-4, "layer_decay": 0.75, "warmup_steps": 100},
-        "train": {"batch_size": 32, "steps": 3000},
-    },
-    "cnn": {
-        "data": {"stream": {"sampler": {"size": 256, "mpps": [1.0]}}},
-        "optim": {"lr": 1e-3, "layer_decay": 1.0, "warmup_steps": 500},
-        "train": {"batch_size": 16, "steps": 15000},
-    },
-    "debug_vit": {
-        "data": {"stream": {"sampler": {"size": 64, "mpps": [2.0]}}},
-        "optim": {"lr": 3e-4, "layer_decay": 0.9, "warmup_steps": 5},
-        "train": {"batch_size": 8, "steps": 20},
-    },
-    "debug_cnn": {
-        "data": {"stream": {"sampler": {"size": 64, "mpps": [2.0]}}},
-        "optim": {"lr": 3e-3, "layer_decay": 1.0, "warmup_steps": 5},
-        "train": {"batch_size": 8, "steps": 20},
-    },
-}
+class ProjectConfig(Section):
+    """What a training run reads: slides and how they stream, engine, task, optimiser, scale, run."""
 
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    task: TaskConfig = Field(default_factory=SegmentationConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    run: RunSection = Field(default_factory=RunSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, section by section (``top`` wins on every key it sets)."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_defaults(cls, data: Any) -> Any:
+        """Switching ``engine.name`` switches its defaults; what the project sets itself wins."""
+        if not isinstance(data, dict):
+            return data
+        from pathray.models.engines import engine_entry
+
+        engine = data.get("engine")
+        if isinstance(engine, EngineConfig):
+            name = engine.name
         else:
-            out[key] = value
-    return out
+            name = (engine or {}).get("name", "foundation") if isinstance(engine, dict) else "foundation"
+        try:
+            defaults = engine_entry(name).defaults
+        except RegistryError as exc:
+            raise ValueError(f"engine.name: {exc}") from None
+        return deep_merge(defaults, data)
 
+    @model_validator(mode="after")
+    def _input_size(self) -> ProjectConfig:
+        """The ViT's input size is the tile the model sees: a tile, or a global crop for tasks with views."""
+        if self.engine.img_size is None:
+            stream = self.data.stream
+            size = stream.augment.global_size if self.task_spec().views else stream.sampler.size
+            # not an assignment: validate_assignment would run this validator again
+            object.__setattr__(self, "engine", self.engine.model_copy(update={"img_size": size}))
+        return self
 
-def engine_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-    """The defaults of the engine a config tree names (``engine.name``, default "foundation")."""
-    engine = tree.get("engine") or {}
-    name = engine.get("name", "foundation") if isinstance(engine, dict) else "foundation"
-    return ENGINE_DEFAULTS.get(name, {})
+    def task_spec(self) -> TaskSpec:
+        """The project's task spec, built from its task section."""
+        return build_task(self.task)

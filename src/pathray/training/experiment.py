@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from pathray.config import PathrayConfig, load_config
+from pathray.section import Section, load_section
+from pathray.training.config import ProjectConfig
 
 
-class ExperimentSection(BaseModel):
+class ExperimentSection(Section):
     """The grid and where its runs and results go."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = "experiment"
     base: str = Field(..., description="project config every cell starts from (relative to this file)")
@@ -36,10 +35,8 @@ class ExperimentSection(BaseModel):
     out: str = Field("runs/experiments", description="folder of the runs and the results")
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(Section):
     """An experiment file: an ``experiment:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     experiment: ExperimentSection
 
@@ -53,9 +50,17 @@ class ExperimentResult:
     paths: dict[str, str]
 
 
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentSection:
+    """An experiment file's section, its ``base`` resolved against the file's folder."""
+    path = Path(path)
+    exp = load_section(ExperimentConfig, path, overrides or []).experiment
+    base = Path(exp.base)
+    return exp.model_copy(update={"base": str(base if base.is_absolute() else path.parent / base)})
+
+
 def cell_config(
     exp: ExperimentSection, root: Path, engine: str, fraction: float, workers: int
-) -> PathrayConfig:
+) -> ProjectConfig:
     """The project config of one cell: base file < experiment overrides < the cell's own values."""
     name = f"{exp.name}-{engine}-f{round(fraction * 100):03d}-w{workers}"
     overrides = [
@@ -67,10 +72,16 @@ def cell_config(
         f"run.name={name}",
         f"run.storage_path={(root / 'runs').absolute()}",
     ]
-    return load_config(exp.base, overrides)
+    return load_section(ProjectConfig, exp.base, overrides)
 
 
-def cell_row(cfg: PathrayConfig, result: Any, seconds: float) -> dict[str, Any]:
+def cell_configs(exp: ExperimentSection, root: Path) -> list[ProjectConfig]:
+    """Every cell's project config, in the order they run (each validated: a bad cell fails here)."""
+    cells = itertools.product(exp.engines, exp.fractions, exp.workers)
+    return [cell_config(exp, root, engine, fraction, workers) for engine, fraction, workers in cells]
+
+
+def cell_row(cfg: ProjectConfig, result: Any, seconds: float) -> dict[str, Any]:
     """One table row: the cell, its test scores, the constant baseline and its throughput."""
     history = [h for h in _history(result) if "steps_per_s" in h]
     steps_per_s = history[-1]["steps_per_s"] if history else float("nan")
@@ -105,22 +116,21 @@ def _history(result: Any) -> list[dict[str, Any]]:
 def run_experiment(
     path: str | Path, overrides: list[str] | None = None, progress: Any = None
 ) -> ExperimentResult:
-    """Run every cell of the grid, one Ray Train run after another; write the table and plots."""
+    """Run every cell of the grid, one Ray Train run after another; write the table and plots.
+
+    Every cell's config is validated before the first run starts. Needs a running Ray.
+    """
     import pandas as pd
 
     from pathray.training.experiment_report import write_report
     from pathray.training.trainer import run_training
 
-    path = Path(path)
-    exp = load_config(path, overrides, model=ExperimentConfig).experiment
-    base = Path(exp.base)
-    exp = exp.model_copy(update={"base": str(base if base.is_absolute() else path.parent / base)})
+    exp = load_experiment(path, overrides)
     root = Path(exp.out) / exp.name
+    cells = cell_configs(exp, root)
     root.mkdir(parents=True, exist_ok=True)
     rows, histories = [], {}
-    cells = list(itertools.product(exp.engines, exp.fractions, exp.workers))
-    for i, (engine, fraction, workers) in enumerate(cells):
-        cfg = cell_config(exp, root, engine, fraction, workers)
+    for i, cfg in enumerate(cells):
         if progress is not None:
             progress(i, len(cells), cfg.run.name)
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ def read_batches(manifest: Any, cfg: Any, batch: int, worker: int, workers: int)
     from pathray.datasets.stream import TileReader, sample_slide, slide_rows
 
     stream, storage = cfg.data.stream, cfg.storage
-    reader = TileReader(stream, storage)
+    reader = TileReader(stream, cfg.task_spec(), storage)
     carry: dict[str, np.ndarray] | None = None
     epoch = 0
     while True:

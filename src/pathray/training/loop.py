@@ -21,103 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pathray.config import PathrayConfig
-from pathray.models.task_model import TaskModel, build_model
+from pathray.storage import join_uri, write_text
+from pathray.training.learners import Learner, WorkerJob, build_learner, unwrap
 from pathray.training.parallel import (
     full_parameters,
     is_sharded,
-    load_model_state,
     load_optimizer_state,
     local_share,
-    model_state,
     optimizer_state,
-    wrap_model,
 )
-from pathray.training.rundir import join_uri, write_text
-
-
-class SupervisedLearner:
-    """Segmentation, classification, detection, instance: one model, one loss."""
-
-    def __init__(self, cfg: PathrayConfig) -> None:
-        self.model, self.task = build_model(cfg)
-        self.trainable: nn.Module = self.model
-
-    def prepare(self, strategy: str) -> None:
-        self.trainable = wrap_model(self.model, strategy)
-
-    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
-        outputs = self.trainable(batch["image"])
-        return self.task.loss(outputs, batch, progress=progress), outputs
-
-    def after_step(self, progress: float) -> None:
-        pass
-
-    def state(self) -> dict[str, Any]:
-        return {"model": model_state(self.trainable)}
-
-    def load(self, saved: dict[str, Any]) -> None:
-        load_model_state(self.trainable, saved["model"])
-
-
-class DinoLearner:
-    """Self-supervised DINO: a student trained on all views, an EMA teacher on the global ones."""
-
-    def __init__(self, cfg: PathrayConfig) -> None:
-        from pathray.models.dino import DinoModel, make_teacher
-        from pathray.models.engines import build_engine
-        from pathray.models.tasks import build_task
-
-        engine = build_engine(cfg.engine)
-        self.task = build_task(cfg.task)
-        self.model = DinoModel(engine, self.task.build_head(engine.embed_dim, engine.dense_channels))
-        self.teacher = make_teacher(self.model)
-        self.trainable: nn.Module = self.model
-
-    def prepare(self, strategy: str) -> None:
-        import ray.train.torch
-
-        # DINO uses the pooled embedding only: the dense decoder gets no gradient.
-        self.trainable = wrap_model(self.model, strategy, {"find_unused_parameters": True})
-        if is_sharded(self.trainable):  # the teacher is sharded alike, so the EMA runs shard by shard
-            self.teacher = wrap_model(self.teacher, strategy)
-        self.teacher.to(ray.train.torch.get_device())
-
-    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
-        from pathray.models.dino import dino_forward, views_from_batch
-
-        engine = _unwrap(self.trainable).engine
-        global_views, local_views = views_from_batch(batch, engine.normalize)
-        outputs = dino_forward(self.trainable, self.teacher, global_views, local_views)
-        return self.task.loss(outputs, batch, progress=progress), outputs
-
-    def after_step(self, progress: float) -> None:
-        from pathray.models.dino import update_teacher
-
-        for model in (self.trainable, self.teacher):
-            if is_sharded(model):  # a root FSDP module keeps its parameters gathered after forward
-                model.reshard()
-        update_teacher(self.trainable, self.teacher, self.task.teacher_momentum(progress))
-
-    def state(self) -> dict[str, Any]:
-        teacher = model_state(self.teacher)
-        prefix = "engine.backbone."
-        backbone = {k.removeprefix("engine."): v for k, v in teacher.items() if k.startswith(prefix)}
-        return {
-            "model": model_state(self.trainable),
-            "teacher_model": teacher,
-            "teacher": backbone,  # what `engine.weights` loads into a foundation engine
-            "task": self.task.state_dict(),
-        }
-
-    def load(self, saved: dict[str, Any]) -> None:
-        load_model_state(self.trainable, saved["model"])
-        load_model_state(self.teacher, saved["teacher_model"])
-        self.task.load_state_dict(saved["task"])
-
-
-def make_learner(cfg: PathrayConfig) -> SupervisedLearner | DinoLearner:
-    return DinoLearner(cfg) if cfg.task.name == "ssl" else SupervisedLearner(cfg)
 
 
 def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
@@ -128,8 +40,9 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: TaskModel, cfg: PathrayConfig) -> tuple[torch.optim.Optimizer, Any]:
-    o = cfg.optim
+def build_optimizer(model: nn.Module, job: WorkerJob) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the engine's layer-decayed groups and the head at full lr; warmup + cosine schedule."""
+    o = job.optim
     groups = model.engine.param_groups(o.lr, o.weight_decay, o.layer_decay)
     seen = {id(p) for g in groups for p in g["params"]}
     head = [p for p in model.head.parameters() if id(p) not in seen and p.requires_grad]
@@ -138,7 +51,7 @@ def build_optimizer(model: TaskModel, cfg: PathrayConfig) -> tuple[torch.optim.O
     for g in groups:
         g.setdefault("initial_lr", g["lr"])
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    steps = cfg.train.steps
+    steps = job.train.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, steps, o.min_lr_ratio)
     )
@@ -155,11 +68,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def checkpoint_payload(learner: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def checkpoint_payload(learner: Learner, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Model(s), optimizer and scheduler state, full and plain (under FSDP a collective)."""
     return {
         **learner.state(),
@@ -175,36 +84,38 @@ def save_checkpoint(directory: Path, payload: dict[str, Any], state: dict) -> No
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: build, restore, stream, step, checkpoint."""
+    """Ray Train entry point: build, restore, stream, step, checkpoint. ``config["job"]`` is a WorkerJob."""
     import ray.train
     import ray.train.torch
 
     from pathray.datasets.stream import tile_collate
+    from pathray.training.evaluate import load_checkpoint
 
-    cfg = PathrayConfig.model_validate(config)
+    job: WorkerJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    learner = make_learner(cfg)
-    if cfg.engine.freeze_backbone:
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    learner = build_learner(job)
+    if job.engine.freeze_backbone:
         learner.model.engine.freeze_backbone(True)
-    learner.prepare(cfg.scale.strategy)
+    learner.prepare(job.scale.strategy)
     device = ray.train.torch.get_device()
-    optimizer, scheduler = build_optimizer(_unwrap(learner.trainable), cfg)
+    optimizer, scheduler = build_optimizer(unwrap(learner.trainable), job)
     state = {"step": 0, "epoch": 0}
+    history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+            saved = load_checkpoint(d)
         learner.load(saved)
         load_optimizer_state(learner.trainable, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {"step": int(saved["step"]), "epoch": int(saved["epoch"])}
-    bf16 = device.type == "cuda" and cfg.scale.precision == "bf16"
-    steps, accum = cfg.train.steps, cfg.optim.grad_accum
+        history = list(saved["history"])
+    bf16 = device.type == "cuda" and job.scale.precision == "bf16"
+    steps, accum = job.train.steps, job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
     t_data = t_step = 0.0
     losses: list[float] = []
-    history: list[dict[str, Any]] = saved["history"] if checkpoint is not None else []
     window = learner.task.metrics()  # training metrics over the steps since the last report
     micro = 0
     learner.trainable.train()
@@ -212,9 +123,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         delivered = False
         tick = time.perf_counter()
         for batch in shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
+            batch_size=job.train.batch_size,
             collate_fn=tile_collate(),
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            local_shuffle_buffer_size=job.train.shuffle_buffer or None,
             drop_last=True,
         ):
             delivered = True
@@ -229,8 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window.update(_detach(outputs), batch)
             micro += 1
             if micro % accum == 0:
-                if cfg.optim.clip_grad:
-                    nn.utils.clip_grad_norm_(learner.trainable.parameters(), cfg.optim.clip_grad)
+                if job.optim.clip_grad:
+                    nn.utils.clip_grad_norm_(learner.trainable.parameters(), job.optim.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -240,8 +151,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses.append(float(loss.detach()))
             t_step += time.perf_counter() - start
             if micro % accum == 0:
+                timing = {"data": t_data, "step": t_step}
                 if _after_optimizer_step(
-                    cfg, learner, optimizer, scheduler, state, losses, window, history, t_data, t_step, rank
+                    job, learner, optimizer, scheduler, state, losses, window, history, timing, rank
                 ):
                     window = learner.task.metrics()
                 if state["step"] >= steps:
@@ -262,16 +174,15 @@ def _detach(outputs: Any) -> Any:
 
 
 def _after_optimizer_step(
-    cfg: PathrayConfig,
-    learner: Any,
+    job: WorkerJob,
+    learner: Learner,
     optimizer: Any,
     scheduler: Any,
     state: dict,
     losses: list[float],
     window: Any,
     history: list[dict[str, Any]],
-    t_data: float,
-    t_step: float,
+    timing: dict[str, float],
     rank: int,
 ) -> bool:
     """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end.
@@ -281,18 +192,19 @@ def _after_optimizer_step(
     import ray.train
 
     step = state["step"]
-    if cfg.train.fail_at_step is not None and step == cfg.train.fail_at_step:
-        _fail_once(cfg, rank)
-    checkpointing = step % cfg.run.checkpoint_every == 0 or step >= cfg.train.steps
-    if not checkpointing and step % cfg.run.log_every != 0:
+    if job.train.fail_at_step is not None and step == job.train.fail_at_step:
+        _fail_once(job, rank)
+    checkpointing = step % job.run.checkpoint_every == 0 or step >= job.train.steps
+    if not checkpointing and step % job.run.log_every != 0:
         return False
+    busy = timing["data"] + timing["step"]
     metrics = {
         "step": step,
         "epoch": state["epoch"],
         "loss": sum(losses) / max(1, len(losses)),
-        "lr": scheduler.get_last_lr()[0],
-        "data_wait_share": t_data / max(1e-9, t_data + t_step),
-        "steps_per_s": step / max(1e-9, t_data + t_step),
+        "lr": float(scheduler.get_last_lr()[0]),
+        "data_wait_share": timing["data"] / max(1e-9, busy),
+        "steps_per_s": step / max(1e-9, busy),
         "params_local_share": local_share(learner.trainable),
         **{f"train/{k}": float(v) for k, v in window.compute().items()},
     }
@@ -300,18 +212,18 @@ def _after_optimizer_step(
     losses.clear()
     if checkpointing:
         _report_with_checkpoint(
-            cfg, learner, optimizer, scheduler, {**state, "history": history}, metrics, rank
+            job, learner, optimizer, scheduler, {**state, "history": history}, metrics, rank
         )
     else:
         ray.train.report(metrics)
     return True
 
 
-def _fail_once(cfg: PathrayConfig, rank: int) -> None:
+def _fail_once(job: WorkerJob, rank: int) -> None:
     """Testing aid: SIGKILL this worker's own process, once per run (a marker file remembers)."""
-    if rank != cfg.train.fail_rank:
+    if rank != job.train.fail_rank:
         return
-    marker = Path(tempfile.gettempdir()) / f"pathray-failed-{cfg.run.name}"
+    marker = Path(tempfile.gettempdir()) / f"pathray-failed-{job.run.name}"
     if marker.exists():
         return
     marker.write_text("killed")
@@ -319,22 +231,22 @@ def _fail_once(cfg: PathrayConfig, rank: int) -> None:
 
 
 def _report_with_checkpoint(
-    cfg: PathrayConfig, learner: Any, optimizer: Any, scheduler: Any, state: dict, metrics: dict, rank: int
+    job: WorkerJob, learner: Learner, optimizer: Any, scheduler: Any, state: dict, metrics: dict, rank: int
 ) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if cfg.train.weights_digest:
-            digest = weights_digest(_unwrap(learner.trainable))
+        if job.train.weights_digest:
+            digest = weights_digest(unwrap(learner.trainable))
             metrics = {**metrics, "weights_digest": digest}
-            run_dir = join_uri(cfg.run.storage_path, str(cfg.run.name))
-            write_text(join_uri(run_dir, f"digests/step{state['step']}_rank{rank}.txt"), digest, cfg.storage)
+            run_dir = join_uri(job.run.storage_path, str(job.run.name))
+            write_text(join_uri(run_dir, f"digests/step{state['step']}_rank{rank}.txt"), digest, job.storage)
         sharded = is_sharded(learner.trainable)
         # FSDP gathers the full state on rank 0 from every rank; DDP ranks all hold it already
         payload = checkpoint_payload(learner, optimizer, scheduler) if rank == 0 or sharded else {}
         if rank == 0:
-            extra = {"config": cfg.model_dump(mode="json"), "strategy": cfg.scale.strategy}
+            extra = {"job": job.record(), "strategy": job.scale.strategy}
             save_checkpoint(Path(tmp), payload, {**state, **extra})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

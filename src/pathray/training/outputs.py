@@ -7,25 +7,28 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pathray.config import PathrayConfig, dump_config
-from pathray.training.rundir import join_uri, write_bytes, write_text
-from pathray.wsi.storage import StorageConfig
+import yaml
+
+from pathray.storage import join_uri, write_bytes, write_text
+from pathray.training.config import ProjectConfig
 
 
 def write_run_outputs(
-    run_dir: str | Path,
-    config: PathrayConfig,
-    history: list[dict[str, Any]],
-    metrics: dict[str, Any],
-    storage: StorageConfig | None = None,
+    run_dir: str | Path, config: ProjectConfig, history: list[dict[str, Any]], metrics: dict[str, Any]
 ) -> dict[str, str]:
-    """Write the run's files into ``run_dir`` (a folder or an object-storage prefix); their URIs by name."""
-    run_dir = str(run_dir)
+    """Write the run's files into ``run_dir`` (a folder or an object-storage prefix); their URIs by name.
+
+    ``config.yaml`` is the resolved project (credentials are never part of a dump).
+    """
+    run_dir, storage = str(run_dir), config.storage
+    resolved = config.model_dump(mode="json", include=set(ProjectConfig.model_fields))
     rows = "".join(json.dumps(row, default=float) + "\n" for row in history)
     curves = io.BytesIO()
     plot_curves(history, metrics, curves, title=f"{config.engine.name} / {config.task.name}")
     return {
-        "config": write_text(join_uri(run_dir, "config.yaml"), dump_config(config), storage),
+        "config": write_text(
+            join_uri(run_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False), storage
+        ),
         "history": write_text(join_uri(run_dir, "history.jsonl"), rows, storage),
         "metrics": write_text(
             join_uri(run_dir, "metrics.json"), json.dumps(metrics, indent=2, default=float), storage

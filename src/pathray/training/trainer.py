@@ -13,10 +13,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from pathray.config import PathrayConfig
-from pathray.training.rundir import absolute, arrow_storage, checkpoint_uri, join_uri
-from pathray.wsi.storage import StorageConfig, filesystem, parse_uri
+from pathray.storage import (
+    StorageConfig,
+    absolute,
+    arrow_filesystem,
+    filesystem,
+    is_remote,
+    join_uri,
+    parse_uri,
+)
+from pathray.training.config import ProjectConfig
+from pathray.training.learners import WorkerJob
 
 
 @dataclass
@@ -29,8 +38,16 @@ class TrainResult:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def run_name(cfg: PathrayConfig) -> str:
+def run_name(cfg: ProjectConfig) -> str:
     return cfg.run.name or f"{cfg.engine.name}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
+    """A Ray checkpoint's location as a URI (Ray gives ``bucket/key`` paths on object storage)."""
+    path = str(checkpoint.path)
+    if is_remote(storage_path) and "://" not in path:
+        return f"{urlparse(storage_path).scheme}://{path}"
+    return path
 
 
 def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
@@ -47,24 +64,29 @@ def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str
         return json.load(fh)
 
 
-def epochs_needed(cfg: PathrayConfig, slides: int) -> int:
+def epochs_needed(cfg: ProjectConfig, slides: int) -> int:
     """Epochs of coordinates one pass must hold for the whole run (a little margin for skipped tiles)."""
     per_epoch = max(1, slides * cfg.data.stream.sampler.tiles_per_slide)
     tiles = cfg.train.steps * cfg.train.batch_size * cfg.optim.grad_accum * cfg.scale.workers
     return max(1, math.ceil(1.1 * tiles / per_epoch))
 
 
-def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
-    """Train the project's engine on its task with Ray Train, evaluate on the test split, write outputs."""
+def run_training(cfg: ProjectConfig, manifest: Any = None) -> TrainResult:
+    """Train the project's engine on its task with Ray Train, evaluate it, write the run's outputs.
+
+    Needs a running Ray (``pathray.cluster.ray_local.ensure_ray`` starts a local one). Storage
+    credentials stay out of everything the run writes and of what its workers receive.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pathray.cluster.ray_local import ensure_ray
     from pathray.datasets.manifest import load_manifest, training_subset, validate_manifest
     from pathray.datasets.stream import build_tile_dataset
+    from pathray.registry import LEARNERS
+    from pathray.training.evaluate import EvalTiles
     from pathray.training.loop import train_loop_per_worker
+    from pathray.training.outputs import write_run_outputs
 
-    ensure_ray()
     if manifest is None:
         if not cfg.data.manifest:
             raise ValueError("data.manifest is not set")
@@ -76,8 +98,9 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
     storage_path = absolute(cfg.run.storage_path)
     run = cfg.run.model_copy(update={"name": name, "storage_path": storage_path})
     cfg = cfg.model_copy(update={"run": run})
+    task = cfg.task_spec()
     run_dir = join_uri(storage_path, name)
-    ray_storage_path, ray_filesystem = arrow_storage(storage_path, cfg.storage)
+    ray_storage_path, ray_filesystem = arrow_filesystem(storage_path, cfg.storage)
     train_slides = manifest if cfg.data.split is None else manifest[manifest["split"] == cfg.data.split]
     epochs = epochs_needed(cfg, len(train_slides))
 
@@ -88,6 +111,7 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
         return build_tile_dataset(
             manifest,
             cfg.data.stream,
+            task,
             cfg.storage,
             split=cfg.data.split,
             epoch=start,
@@ -95,10 +119,11 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
             tissue=cfg.tissue,
         )
 
+    job = WorkerJob.from_project(cfg)
     resources = {"CPU": cfg.scale.cpus_per_worker, **(cfg.scale.resources_per_worker or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.workers,
             use_gpu=cfg.scale.use_gpu,
@@ -116,42 +141,47 @@ def run_training(cfg: PathrayConfig, manifest: Any = None) -> TrainResult:
     )
     result = trainer.fit()
     checkpoint = result.checkpoint
+    metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
     history: list[dict[str, Any]] = []
+    paths: dict[str, str] = {}
     if checkpoint is not None:
+        learner = LEARNERS.get(task.learner)
+        tiles = EvalTiles(
+            manifest,
+            cfg.data.stream,
+            cfg.storage,
+            cfg.tissue,
+            cfg.train.eval_split,
+            cfg.train.eval_tiles_per_slide,
+            cfg.train.batch_size,
+        )
         with checkpoint.as_directory() as d:
             if (Path(d) / "history.json").exists():
                 history = json.loads((Path(d) / "history.json").read_text())
-    metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
-    has_eval = cfg.train.eval_split is not None and (manifest["split"] == cfg.train.eval_split).any()
-    evaluation: dict[str, float] = {}
-    if checkpoint is not None and cfg.task.name == "ssl":
-        from pathray.training.evaluate import evaluate_ssl
-
-        evaluation = evaluate_ssl(cfg, checkpoint, manifest)
-    elif checkpoint is not None and has_eval:
-        from pathray.training.evaluate import evaluate_checkpoint
-
-        evaluation = evaluate_checkpoint(cfg, checkpoint, manifest)
-    if evaluation:
-        metrics.update(evaluation)
-        history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
-    from pathray.training.outputs import write_run_outputs
-
-    paths = {}
-    if checkpoint is not None and cfg.task.name != "ssl":
-        paths["model"] = export_model(cfg, checkpoint, join_uri(run_dir, "model"), metrics)
-    paths.update(write_run_outputs(run_dir, cfg, history, metrics, cfg.storage))
+            evaluation = learner.evaluate(cfg.engine, task, Path(d), tiles)
+            if evaluation:
+                metrics.update(evaluation)
+                history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
+            if learner.exports_package:
+                paths["model"] = export_model(cfg, task, Path(d), join_uri(run_dir, "model"), metrics)
+    paths.update(write_run_outputs(run_dir, cfg, history, metrics))
     saved = checkpoint_uri(checkpoint, storage_path) if checkpoint is not None else None
     return TrainResult(run_dir, saved, metrics, paths)
 
 
-def export_model(cfg: PathrayConfig, checkpoint: Any, uri: str, metrics: dict[str, Any]) -> str:
-    """Write the final weights as a model package (``pathray.models.package``) a server can load."""
-    import torch
+def export_model(
+    cfg: ProjectConfig, task: Any, checkpoint_dir: Path, uri: str, metrics: dict[str, Any]
+) -> str:
+    """Write the final weights as a model package (``pathray.models.package``) a server can load.
 
-    from pathray.models.package import save_model_package
+    The model is rebuilt and loaded strictly first, so a package always holds weights that fit.
+    """
+    from pathray.models.package import package_model, save_model_package
+    from pathray.training.evaluate import load_trained
 
-    with checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    meta = {"run": cfg.run.name, "step": saved.get("step"), "metrics": metrics}
-    return save_model_package(uri, cfg, saved["model"], meta, cfg.storage)
+    model, _ = load_trained(cfg.engine, task, checkpoint_dir)
+    step = json.loads((checkpoint_dir / "state.json").read_text())["step"]
+    sampler = cfg.data.stream.sampler
+    meta = {"run": cfg.run.name, "step": step, "metrics": metrics}
+    package = package_model(model, cfg.engine, cfg.task, sampler.size, sampler.mpps[0], meta)
+    return save_model_package(uri, package, cfg.storage)

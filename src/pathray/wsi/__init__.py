@@ -1,1 +1,2 @@
-"""Slide access, tissue masks, samplers, annotations and synthetic slides (no Ray)."""
+"""Whole-slide images, Ray-free: ``backends`` (slides, ranged reads, levels), ``patching`` (tissue,
+samplers), ``annotations`` (GeoJSON -> targets) and ``synth`` (synthetic slides with ground truth)."""

@@ -1,0 +1,1 @@
+"""The embedded end-to-end demo: ``pathray demo`` on nothing but the install."""

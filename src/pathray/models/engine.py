@@ -1,0 +1,240 @@
+"""The engine contract: a timm backbone plus a dense decoder, with its normalisation and LR groups.
+
+Every engine answers the same contract, so every task head runs on every engine::
+
+    engine = build_engine(EngineConfig(name="debug_vit"))       # pathray.models.engines
+    pooled, dense = engine(engine.normalize(tiles_uint8_bhwc))  # (B, D), (B, C, H/4, W/4)
+
+The engines themselves live in ``vit.py`` (ViT + token decoder) and ``unet.py`` (CNN + U-Net).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pathray.models.config import EngineConfig
+from pathray.models.timm_compat import import_timm
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("teacher", "student", "model", "state_dict")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def conv_norm_act(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    """Conv, GroupNorm, GELU: batch-size independent, so one-tile batches train and serve alike."""
+    groups = 8 if cout % 8 == 0 else 1
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.GroupNorm(groups, cout), nn.GELU()
+    )
+
+
+def create_backbone(
+    config: EngineConfig, default: str, optional: Mapping[str, Any], **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model`` with random init, or pretrained from the hub for ``weights="timm:<id>"``.
+
+    ``optional`` kwargs (``dynamic_img_size``, ...) are dropped for models that do not take them.
+    """
+    timm = import_timm()
+    name, pretrained = config.model or default, False
+    if config.weights and config.weights.startswith("timm:"):
+        name, pretrained = config.weights.removeprefix("timm:"), True
+    kwargs = {"drop_path_rate": config.drop_path, **kwargs}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs, **optional)
+    except TypeError as err:
+        if not optional or not any(key in str(err) for key in optional):
+            raise
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+class Engine(nn.Module):
+    """Backbone + dense decoder. Subclasses build both, then implement ``forward``.
+
+    ``num_layers`` and ``layer_id`` drive layer-wise LR decay: backbone parameter ``name`` gets
+    ``lr * layer_decay ** (num_layers - layer_id(name))``; the decoder keeps the full lr.
+    """
+
+    dense_stride = 4
+    num_layers = 0
+
+    def __init__(self, config: EngineConfig, backbone: nn.Module, embed_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.embed_dim = embed_dim
+        self.dense_channels = config.dense_channels
+        timm = import_timm()
+        size = {"input_size": (3, config.img_size, config.img_size)} if config.img_size else {}
+        resolved = timm.data.resolve_data_config(size, model=backbone)
+        self.data_config: dict[str, Any] = {
+            **resolved,
+            "mean": tuple(float(m) for m in resolved["mean"]),
+            "std": tuple(float(s) for s in resolved["std"]),
+        }
+        self.register_buffer(
+            "_mean", torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("_std", torch.tensor(self.data_config["std"]).view(1, 3, 1, 1), persistent=False)
+        self._frozen = False
+        if config.weights and not config.weights.startswith("timm:"):
+            self.load_backbone_weights(config.weights)
+        if config.freeze_backbone:
+            self.freeze_backbone(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Normalise inputs with ``mean``/``std`` (a model package's own, recorded when it was made)."""
+        self.data_config = {
+            **self.data_config,
+            "mean": tuple(map(float, mean)),
+            "std": tuple(map(float, std)),
+        }
+        self._mean.copy_(torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1))
+        self._std.copy_(torch.tensor(self.data_config["std"]).view(1, 3, 1, 1))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (B, H, W, 3), as the tile stream delivers it -> float (B, 3, H, W), model mean/std."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"normalize expects uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}"
+            )
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
+
+    def layer_id(self, name: str) -> int:
+        """Depth of backbone parameter ``name`` for LR decay; the default applies no decay."""
+        return self.num_layers
+
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups: layer-wise LR decay over the backbone, no weight decay on norms,
+        biases and position/class tokens. Frozen parameters are left out; task heads are not
+        part of the engine, so the caller adds them at full lr."""
+        skip = set(getattr(self.backbone, "no_weight_decay", set)())
+        groups: dict[tuple[float, bool], dict[str, Any]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale, sub = 1.0, ""
+            if name.startswith("backbone."):
+                sub = name.removeprefix("backbone.")
+                scale = layer_decay ** (self.num_layers - self.layer_id(sub))
+            decay = not (param.ndim <= 1 or name.endswith(".bias") or sub in skip)
+            group = groups.setdefault(
+                (scale, decay),
+                {
+                    "params": [],
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "name": f"scale{scale:.4g}_{'decay' if decay else 'no_decay'}",
+                },
+            )
+            group["params"].append(param)
+        return [groups[key] for key in sorted(groups)]
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Stop (or restart) training the backbone; a frozen backbone also stays in eval mode."""
+        for param in self.backbone.parameters():
+            param.requires_grad_(not frozen)
+        self._frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Engine:
+        super().train(mode)
+        if self._frozen:
+            self.backbone.eval()  # no BatchNorm statistics updates, no dropout in a frozen backbone
+        return self
+
+    @contextlib.contextmanager
+    def backbone_context(self) -> Iterator[None]:
+        """No autograd graph through a frozen backbone: less memory, same result."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen):
+            yield
+
+    def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook for engine-specific key or shape conversions of a loaded checkpoint."""
+        return state
+
+    def load_backbone_weights(self, source: str) -> list[str]:
+        """Load a local checkpoint into the backbone; returns the checkpoint keys it did not use.
+
+        Raises:
+            ValueError: a tensor of the wrong shape (naming the key), or backbone tensors missing.
+        """
+        state = self.adapt_state_dict(read_state_dict(source))
+        own = self.backbone.state_dict()
+        for key, value in state.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{tuple(own[key].shape)} in the {self.config.name} backbone"
+                )
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing:
+            raise ValueError(
+                f"{source}: {len(missing)} of {len(own)} backbone tensors are not in the checkpoint "
+                f"(e.g. {missing[:5]}); it has unused keys {unexpected[:5]}: a different model?"
+            )
+        if unexpected:
+            log.warning("%s: %d checkpoint keys unused, e.g. %s", source, len(unexpected), unexpected[:5])
+        self.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+        log.info("loaded %d backbone tensors from %s", len(own), source)
+        return unexpected
+
+
+def read_state_dict(source: str) -> dict[str, Tensor]:
+    """A backbone state dict from a file: unwrapped from teacher/student/model/state_dict, with
+    ``module.``/``_orig_mod.`` stripped and, where present, only the keys under a ``backbone.``
+    (``backbone.x``, ``engine.backbone.x``) kept, without that prefix."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if len(files) != 1:
+            raise ValueError(
+                f"{source}: a folder needs exactly one {WEIGHT_SUFFIXES} file, found {len(files)}"
+            )
+        path = files[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {source}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for foreign pickles
+            raise ValueError(f"{source}: not a loadable state dict ({type(err).__name__}: {err})") from None
+    while isinstance(obj, Mapping):
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        obj = obj[key]
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, Mapping) else {}
+    if not state:
+        top = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"{source}: no tensors found (top level: {top}); expected a state dict or {WRAPPER_KEYS}"
+        )
+    for prefix in ("module.", "_orig_mod."):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    inner = {_after_backbone(k): v for k, v in state.items() if _after_backbone(k)}
+    return inner or state
+
+
+def _after_backbone(key: str) -> str:
+    """``engine.backbone.blocks.0.x`` (a DINO model wrapping an engine) -> ``blocks.0.x``; else ''."""
+    parts = key.split(".")
+    return ".".join(parts[parts.index("backbone") + 1 :]) if "backbone" in parts[:-1] else ""

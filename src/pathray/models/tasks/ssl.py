@@ -1,0 +1,87 @@
+"""Self-supervised pretraining (DINO): a student learns the EMA teacher's view of multi-crop views."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pathray.models.tasks.base import TaskConfigBase, TaskSpec
+from pathray.registry import TASKS
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from pathray.models.metrics import EmbeddingMetric
+
+
+class SslConfig(TaskConfigBase):
+    """The projection head, temperatures, centring and teacher momentum of DINO."""
+
+    name: Literal["ssl"] = "ssl"
+    out_dim: int = Field(4096, ge=2, description="prototypes of the projection head")
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_epochs_frac: float = Field(0.3, ge=0, le=1, description="fraction of training")
+    center_momentum: float = 0.9
+    ema_momentum: float = Field(0.996, description="teacher EMA momentum at the start (cosine to 1)")
+
+
+@TASKS.register("ssl")
+class SslTask(TaskSpec):
+    """DINO: the stream delivers multi-crop views; outputs are ``dino_forward``'s dict; the loss keeps
+    its centre as state (checkpointed beside the model)."""
+
+    config_type = SslConfig
+    learner = "dino"
+    views = True
+    config: SslConfig
+
+    def __init__(self, config: SslConfig) -> None:
+        super().__init__(config)
+        self._criterion: Any = None
+
+    @property
+    def criterion(self) -> Any:
+        """The DINO loss module (made on first use: it holds the centre)."""
+        if self._criterion is None:
+            from pathray.models.dino import DinoLoss
+
+            self._criterion = DinoLoss(self.config)
+        return self._criterion
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "_criterion": None}
+
+    def build_head(self, embed_dim: int, dense_channels: int) -> nn.Module:
+        from pathray.models.dino import DinoHead
+
+        c = self.config
+        return DinoHead(embed_dim, c.out_dim, c.head_hidden, c.head_bottleneck)
+
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Any], progress: float = 0.0) -> Tensor:
+        return self.criterion(outputs["student"], outputs["teacher"], progress)
+
+    def teacher_momentum(self, progress: float) -> float:
+        from pathray.models.dino import cosine_momentum
+
+        return cosine_momentum(progress, self.config.ema_momentum)
+
+    def metrics(self) -> EmbeddingMetric:
+        from pathray.models.metrics import EmbeddingMetric
+
+        return EmbeddingMetric()
+
+    def predict(self, outputs: dict[str, Any], batch: dict[str, Any] | None = None) -> np.ndarray:
+        """``(B, embed_dim)`` float32 teacher embeddings of the first global view."""
+        return outputs["embedding"].detach().float().cpu().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"center": self.criterion.center.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.criterion.center = state["center"].clone().to(self.criterion.center.device)

@@ -1,0 +1,311 @@
+"""Where everything lives: URIs -> fsspec filesystems, stat, joins, whole-object reads and writes.
+
+The bottom of the stack (no Ray, nothing above it): slides, annotations, manifests, runs, model
+packages and analysis results are all reached through here, on local disk or object storage.
+
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:8333", key_env="MY_KEY", secret_env="MY_SECRET")
+    write_bytes(join_uri("s3://bucket/runs", "a", "metrics.json"), b"{}", storage)
+
+Credentials are never persisted: ``key`` and ``secret`` are secrets excluded from every dump, and
+dropped when a config is pickled for another process (a Ray worker, actor or replica), which reads
+them from the environment variables ``key_env`` and ``secret_env`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pydantic import Field, SecretStr, field_validator
+
+from pathray.section import Section
+
+SCHEMES = ("file", "s3", "gs", "memory", "http", "https")
+AWS_KEY_ENV, AWS_SECRET_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
+
+
+class StorageError(Exception):
+    """Storage could not be reached or refused a request. ``uri`` and ``cause`` are always set."""
+
+    reason = "cannot read"
+
+    def __init__(self, uri: str, cause: str) -> None:
+        self.uri = uri
+        self.cause = cause
+        super().__init__(f"{type(self).__name__}: {self.reason} {uri}: {cause}")
+
+    def __str__(self) -> str:
+        return f"{self.reason} {self.uri}: {self.cause}"
+
+
+class ObjectNotFoundError(StorageError):
+    """The URI points at nothing (no such file, key or bucket)."""
+
+    reason = "nothing at"
+
+
+class AccessDeniedError(StorageError):
+    """The storage refused access (credentials missing or not allowed)."""
+
+    reason = "access denied to"
+
+
+class UnsupportedSchemeError(StorageError):
+    """The URI's scheme is not one pathray can read from."""
+
+    reason = "unsupported location"
+
+
+class StorageConfig(Section):
+    """How to reach object storage. Without credentials, the usual AWS chain (environment, profile,
+    instance role) applies."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    key: SecretStr | None = Field(
+        None, exclude=True, description="access key id; never written anywhere (prefer key_env)"
+    )
+    secret: SecretStr | None = Field(
+        None, exclude=True, description="secret access key; never written anywhere (prefer secret_env)"
+    )
+    key_env: str = Field(AWS_KEY_ENV, description="environment variable holding the access key id")
+    secret_env: str = Field(AWS_SECRET_ENV, description="environment variable holding the secret key")
+    region: str | None = Field(None, description="region (default: AWS_DEFAULT_REGION)")
+    anon: bool = False
+    block_size: int = Field(2**18, description="readahead block for metadata reads; tiles use exact ranges")
+    cache_dir: str | None = Field(None, description="local copies of slides only OpenSlide can read")
+    coalesce_gap: int = Field(
+        262144,
+        ge=0,
+        description="remote reads: ranges this close become one request (requests cost more than bytes)",
+    )
+    presigned_reads: bool = Field(
+        True,
+        description="s3: fetch tile ranges over a presigned URL with a plain HTTP pool (less CPU)",
+    )
+    presign_expires_s: int = Field(3600, gt=60, description="lifetime of presigned URLs; renewed at 80 %")
+
+    @field_validator("key", "secret", mode="after")
+    @classmethod
+    def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled for another process without the literal secrets: that process reads the environment."""
+        state = super().__getstate__()
+        state["__dict__"] = {**state["__dict__"], "key": None, "secret": None}
+        return state
+
+    def credentials(self) -> tuple[str, str] | None:
+        """``(key, secret)`` given in the config or in ``key_env``/``secret_env``; None: the SDK's own
+        chain (the standard AWS variables, profiles, roles), which also knows session tokens."""
+        if self.key is not None and self.secret is not None:
+            return self.key.get_secret_value(), self.secret.get_secret_value()
+        if (self.key_env, self.secret_env) == (AWS_KEY_ENV, AWS_SECRET_ENV):
+            return None
+        key, secret = os.environ.get(self.key_env), os.environ.get(self.secret_env)
+        return (key, secret) if key and secret else None
+
+    def export_env(self) -> None:
+        """Put literal credentials into ``key_env``/``secret_env`` of this process, so the processes
+        it starts (a local Ray's workers) read them from there. Call before starting them."""
+        if self.key is not None and self.secret is not None:
+            os.environ[self.key_env] = self.key.get_secret_value()
+            os.environ[self.secret_env] = self.secret.get_secret_value()
+
+    def identity(self) -> str:
+        """A cache key for handles opened with this config: its settings and a digest of the credentials."""
+        digest = hashlib.sha256(repr(self.credentials()).encode()).hexdigest()[:16]
+        return f"{self.model_dump_json()}|{digest}"
+
+    def endpoint(self) -> str | None:
+        env = os.environ
+        return self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+
+    def options_for(self, protocol: str) -> dict[str, Any]:
+        """fsspec storage options for ``protocol``."""
+        if protocol != "s3":
+            return {}
+        # No filesystem-wide block size: s3fs writes need blocks of >= 5 MB; slide reads pass
+        # ``block_size`` themselves.
+        opts: dict[str, Any] = {"anon": self.anon}
+        if self.endpoint():
+            opts["client_kwargs"] = {"endpoint_url": self.endpoint()}
+        creds = self.credentials()
+        if creds is not None:
+            opts["key"], opts["secret"] = creds
+        if self.region:
+            opts.setdefault("config_kwargs", {})["region_name"] = self.region
+        return opts
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: the protocol and the path fsspec understands."""
+
+    uri: str
+    protocol: str
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def cache_root() -> Path:
+    """Where pathray keeps local copies and derived data: ``$PATHRAY_CACHE`` or ~/.cache/pathray."""
+    return Path(os.environ.get("PATHRAY_CACHE", Path.home() / ".cache" / "pathray")).expanduser()
+
+
+def parse_uri(uri: str | os.PathLike[str]) -> Location:
+    """Split a URI into protocol and path; plain paths are local files."""
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    scheme = parsed.scheme.lower()
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        return Location(text, "file", str(Path(text).expanduser().absolute()))
+    if scheme not in SCHEMES:
+        raise UnsupportedSchemeError(
+            text, f"scheme {scheme!r} is not supported (use one of {', '.join(SCHEMES)})"
+        )
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise UnsupportedSchemeError(text, f"file URIs must not name a host ({parsed.netloc!r})")
+        return Location(text, "file", unquote(parsed.path))
+    if scheme in ("http", "https"):
+        return Location(text, scheme, text)
+    if not parsed.netloc:
+        raise UnsupportedSchemeError(text, f"a {scheme}:// URI needs a bucket name")
+    return Location(text, scheme, f"{parsed.netloc}{parsed.path}")
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage (anything but a plain path or ``file://``)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray resolves relative ones against its own cwd); URIs stay."""
+    return uri if is_remote(uri) else str(Path(uri).expanduser().absolute())
+
+
+def join_uri(base: str, *names: str) -> str:
+    """``base/name/...`` for folders and bucket prefixes alike."""
+    return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+_FS_LOCK = threading.Lock()
+
+
+def filesystem(location: Location, storage: StorageConfig | None = None) -> Any:
+    """The fsspec filesystem for ``location`` (instances are cached by fsspec per options)."""
+    import fsspec
+
+    storage = storage or StorageConfig()
+    try:
+        with _FS_LOCK:
+            return fsspec.filesystem(location.protocol, **storage.options_for(location.protocol))
+    except ImportError as exc:
+        raise UnsupportedSchemeError(
+            location.uri, f"the {location.protocol} filesystem is not installed ({exc.name})"
+        ) from None
+
+
+def translate_error(uri: str, exc: BaseException) -> StorageError:
+    """Map a storage library's exception onto the StorageError a person can act on."""
+    if isinstance(exc, StorageError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}".strip()
+    low = text.lower()
+    if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "nosuchbucket" in low or "404" in low:
+        return ObjectNotFoundError(uri, "no such file or object" + (f" ({exc})" if str(exc) else ""))
+    if isinstance(exc, PermissionError) or "accessdenied" in low or "access denied" in low or "403" in low:
+        return AccessDeniedError(uri, f"the storage refused access; check the credentials ({text})")
+    if isinstance(exc, IsADirectoryError):
+        return ObjectNotFoundError(uri, "is a directory, not a file")
+    return StorageError(uri, text)
+
+
+def stat(location: Location, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """Size and version tag (ETag or mtime) of the object: the cache key for derived data."""
+    fs = filesystem(location, storage)
+    try:
+        info = fs.info(location.path)
+    except Exception as exc:  # noqa: BLE001 - every storage error becomes a StorageError
+        raise translate_error(location.uri, exc) from None
+    if info.get("type") == "directory":
+        raise ObjectNotFoundError(location.uri, "is a directory, not a file")
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return {"size": int(info.get("size") or 0), "tag": str(tag).strip('"')}
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """One whole object's bytes.
+
+    Raises:
+        StorageError: ObjectNotFoundError when nothing is there, AccessDeniedError, ...
+    """
+    location = parse_uri(uri)
+    try:
+        return filesystem(location, storage).cat_file(location.path)
+    except Exception as exc:  # noqa: BLE001
+        raise translate_error(uri, exc) from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> str:
+    """Write one whole object, replacing any earlier version (parent folders made on local disk).
+
+    A whole-object put: s3fs refuses to open files for writing with the small read block size
+    that tile reads want (``StorageConfig.block_size``). Returns ``uri``.
+    """
+    location = parse_uri(uri)
+    fs = filesystem(location, storage)
+    try:
+        if location.is_local:
+            fs.makedirs(location.path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(location.path, data)
+    except Exception as exc:  # noqa: BLE001
+        raise translate_error(uri, exc) from None
+    return uri
+
+
+def write_text(uri: str, text: str, storage: StorageConfig | None = None) -> str:
+    return write_bytes(uri, text.encode(), storage)
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[str, Any]:
+    """``(path, pyarrow filesystem)`` for ``uri``: what Ray Train's ``RunConfig`` writes runs through.
+
+    Local paths need no filesystem. ``s3://bucket/prefix`` becomes ``("bucket/prefix",
+    pyarrow S3FileSystem)`` with the endpoint, credentials and region of ``storage`` (each falling
+    back to the usual AWS environment), since Ray's own S3 resolution knows no custom endpoint.
+    """
+    if not is_remote(uri):
+        return absolute(uri), None
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3":
+        return uri, None  # gs:// etc.: Ray resolves these from the environment
+    from pyarrow import fs as pafs
+
+    storage = storage or StorageConfig()
+    kwargs: dict[str, Any] = {
+        "region": storage.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "anonymous": storage.anon,
+    }
+    endpoint = storage.endpoint()
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = url.netloc
+        kwargs["scheme"] = url.scheme
+    creds = storage.credentials()
+    if creds is not None:
+        kwargs["access_key"], kwargs["secret_key"] = creds
+    return f"{parsed.netloc}{parsed.path}".rstrip("/"), pafs.S3FileSystem(**kwargs)

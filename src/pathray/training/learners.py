@@ -1,0 +1,197 @@
+"""Learners: how a task trains inside a Ray Train worker, chosen by the task spec's ``learner`` kind.
+
+``supervised`` trains one model on (image, target) batches; ``dino`` trains a student on all
+multi-crop views against an EMA teacher on the global ones. Each learner also says how its run is
+evaluated and whether it exports a model package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from pathray.models.config import EngineConfig
+from pathray.models.tasks import TaskSpec
+from pathray.registry import LEARNERS
+from pathray.storage import StorageConfig
+from pathray.training.config import OptimConfig, ProjectConfig, RunSection, ScaleConfig, TrainConfig
+from pathray.training.parallel import is_sharded, load_model_state, model_state, wrap_model
+
+if TYPE_CHECKING:
+    from pathray.training.evaluate import EvalTiles
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker receives: the sections it trains with.
+
+    Pickled to the workers, ``storage`` loses any literal credentials on the way; the workers read
+    them from the environment (``StorageConfig.key_env``/``secret_env``).
+    """
+
+    engine: EngineConfig
+    task: TaskSpec
+    optim: OptimConfig
+    scale: ScaleConfig
+    train: TrainConfig
+    run: RunSection
+    storage: StorageConfig
+
+    @classmethod
+    def from_project(cls, project: ProjectConfig) -> WorkerJob:
+        """The sections of ``project`` a worker trains with (its task as a spec)."""
+        p = project
+        return cls(p.engine, p.task_spec(), p.optim, p.scale, p.train, p.run, p.storage)
+
+    def record(self) -> dict[str, Any]:
+        """The sections as JSON-able values, saved with every checkpoint (no credentials)."""
+        sections = ("engine", "optim", "scale", "train", "run", "storage")
+        out = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return {**out, "task": self.task.config.model_dump(mode="json")}
+
+
+class Learner(Protocol):
+    """What the training loop calls, step by step."""
+
+    exports_package: ClassVar[bool]
+    model: nn.Module
+    trainable: nn.Module
+    task: TaskSpec
+
+    def prepare(self, strategy: str) -> None: ...
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]: ...
+    def after_step(self, progress: float) -> None: ...
+    def state(self) -> dict[str, Any]: ...
+    def load(self, saved: dict[str, Any]) -> None: ...
+
+    @staticmethod
+    def evaluate(
+        engine: EngineConfig, task: TaskSpec, checkpoint: Path, tiles: EvalTiles
+    ) -> dict[str, float]:
+        """Scores of the run's final checkpoint (empty when there is nothing to score on)."""
+        ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (FSDP2 modules are their own)."""
+    return getattr(model, "module", model)
+
+
+def build_learner(job: WorkerJob) -> Learner:
+    """The learner the job's task trains with (``TaskSpec.learner``)."""
+    return LEARNERS.get(job.task.learner)(job.engine, job.task)
+
+
+@LEARNERS.register("supervised")
+class SupervisedLearner:
+    """Segmentation, classification, detection, instance: one model, one loss; exports a package."""
+
+    exports_package = True
+
+    def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
+        from pathray.models.task_model import build_model
+
+        self.model, self.task = build_model(engine, task)
+        self.trainable: nn.Module = self.model
+
+    def prepare(self, strategy: str) -> None:
+        self.trainable = wrap_model(self.model, strategy)
+
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
+        outputs = self.trainable(batch["image"])
+        return self.task.loss(outputs, batch, progress=progress), outputs
+
+    def after_step(self, progress: float) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {"model": model_state(self.trainable)}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        load_model_state(self.trainable, saved["model"])
+
+    @staticmethod
+    def evaluate(
+        engine: EngineConfig, task: TaskSpec, checkpoint: Path, tiles: EvalTiles
+    ) -> dict[str, float]:
+        """Task metrics on the held-out split's tiles, beside a constant predictor's."""
+        from pathray.training.evaluate import evaluate_supervised
+
+        if tiles.split is None or not (tiles.manifest["split"] == tiles.split).any():
+            return {}
+        return evaluate_supervised(engine, task, checkpoint, tiles)
+
+
+@LEARNERS.register("dino")
+class DinoLearner:
+    """Self-supervised DINO: a student trained on all views, an EMA teacher on the global ones.
+
+    Its checkpoint's ``teacher`` entry is the teacher backbone, which ``engine.weights`` of a
+    fine-tuning project loads.
+    """
+
+    exports_package = False
+
+    def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
+        from pathray.models.dino import DinoModel, make_teacher
+        from pathray.models.engines import build_engine
+
+        backbone = build_engine(engine)
+        self.task = task
+        self.model = DinoModel(backbone, task.build_head(backbone.embed_dim, backbone.dense_channels))
+        self.teacher = make_teacher(self.model)
+        self.trainable: nn.Module = self.model
+
+    def prepare(self, strategy: str) -> None:
+        import ray.train.torch
+
+        # DINO uses the pooled embedding only: the dense decoder gets no gradient.
+        self.trainable = wrap_model(self.model, strategy, {"find_unused_parameters": True})
+        if is_sharded(self.trainable):  # the teacher is sharded alike, so the EMA runs shard by shard
+            self.teacher = wrap_model(self.teacher, strategy)
+        self.teacher.to(ray.train.torch.get_device())
+
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
+        from pathray.models.dino import dino_forward, views_from_batch
+
+        engine = unwrap(self.trainable).engine
+        global_views, local_views = views_from_batch(batch, engine.normalize)
+        outputs = dino_forward(self.trainable, self.teacher, global_views, local_views)
+        return self.task.loss(outputs, batch, progress=progress), outputs
+
+    def after_step(self, progress: float) -> None:
+        from pathray.models.dino import update_teacher
+
+        for model in (self.trainable, self.teacher):
+            if is_sharded(model):  # a root FSDP module keeps its parameters gathered after forward
+                model.reshard()
+        update_teacher(self.trainable, self.teacher, self.task.teacher_momentum(progress))  # type: ignore[attr-defined]
+
+    def state(self) -> dict[str, Any]:
+        teacher = model_state(self.teacher)
+        prefix = "engine.backbone."
+        backbone = {k.removeprefix("engine."): v for k, v in teacher.items() if k.startswith(prefix)}
+        return {
+            "model": model_state(self.trainable),
+            "teacher_model": teacher,
+            "teacher": backbone,  # what `engine.weights` loads into a foundation engine
+            "task": self.task.state_dict(),
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        load_model_state(self.trainable, saved["model"])
+        load_model_state(self.teacher, saved["teacher_model"])
+        self.task.load_state_dict(saved["task"])
+
+    @staticmethod
+    def evaluate(
+        engine: EngineConfig, task: TaskSpec, checkpoint: Path, tiles: EvalTiles
+    ) -> dict[str, float]:
+        """RankMe, ODCorr and a linear probe of the teacher, on tiles of every slide."""
+        from pathray.training.evaluate import evaluate_ssl
+
+        return evaluate_ssl(engine, task, checkpoint, replace(tiles, split=None))

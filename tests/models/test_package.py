@@ -1,0 +1,73 @@
+"""Model packages are YAML + safetensors: they rebuild the model exactly, and loading one never unpickles."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from pathray.models.package import CONFIG_FILE, WEIGHTS_FILE, read_model_package, read_package_config
+
+
+class Payload:
+    """What a hostile model store could hold: unpickling it runs code (it writes a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: D105
+        return (open, (self.marker, "w"))
+
+
+def test_a_package_is_yaml_and_safetensors_and_rebuilds_the_model(tmp_path, save_package):
+    from pathray.models.config import EngineConfig
+    from pathray.models.package import package_model, save_model_package
+    from pathray.models.task_model import build_model
+    from pathray.models.tasks import DetectionConfig
+
+    torch.manual_seed(0)
+    engine = EngineConfig(name="debug_vit", img_size=64)
+    task = DetectionConfig(classes=["a", "b"])
+    model, _ = build_model(engine, task)
+    model.engine.set_normalization((0.7, 0.6, 0.5), (0.2, 0.25, 0.3))  # not timm's: must travel
+    uri = save_model_package(str(tmp_path / "pkg"), package_model(model, engine, task, 64, 2.0, {"run": "r"}))
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    doc = yaml.safe_load((tmp_path / "pkg" / CONFIG_FILE).read_text())
+    assert doc["task"] == {**task.model_dump(), "name": "detection"} and "storage" not in doc
+    assert doc["input"] == {"tile_size": 64, "mpp": 2.0} and doc["meta"]["run"] == "r"
+    assert doc["normalisation"]["mean"] == pytest.approx([0.7, 0.6, 0.5])
+
+    rebuilt, spec = read_model_package(uri).build()
+    assert spec.point_classes == ["a", "b"] and read_package_config(uri).engine.name == "debug_vit"
+    tiles = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(tiles), model.eval()(tiles))
+
+
+def test_loading_never_unpickles(tmp_path, save_package):
+    uri = save_package(tmp_path / "pkg")
+    marker = tmp_path / "ran"
+    (tmp_path / "pkg" / WEIGHTS_FILE).write_bytes(pickle.dumps(Payload(str(marker))))
+    with pytest.raises(Exception) as info:
+        read_model_package(uri)
+    assert not marker.exists(), "a pickle in the model store was executed"
+    assert "header" in str(info.value).lower() or "safetensor" in str(info.value).lower()
+
+    # a folder of the old layout (a pickled model.pt beside config.yaml) is not a package at all
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text("task: {name: segmentation}\n")
+    torch.save({"model": Payload(str(marker))}, old / "model.pt")
+    with pytest.raises(FileNotFoundError, match="is not a model package"):
+        read_model_package(str(old))
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_fit_the_config_fail_loudly(tmp_path, save_package):
+    uri = save_package(tmp_path / "pkg")
+    config = (tmp_path / "pkg" / CONFIG_FILE).read_text()
+    (tmp_path / "pkg" / CONFIG_FILE).write_text(config.replace("debug_cnn", "debug_vit"))
+    with pytest.raises(RuntimeError, match="state_dict"):
+        read_model_package(uri).build()
