@@ -60,10 +60,23 @@ def _config(config: Path | None, overrides: list[str] | None) -> PathrayConfig:
     return load_config(config, overrides or [])
 
 
-def _start_ray(storage: Any) -> None:
+def _start_ray(storage: Any, trains: bool = False) -> None:
     """Attach to ``RAY_ADDRESS`` or start a local Ray; credentials given in the config are put into
-    this process's environment first, where a local Ray's workers read them (never in their config)."""
+    this process's environment first, where a local Ray's workers read them (never in their config).
+
+    ``trains``: the command builds models in this process (evaluation, export), so torch and timm
+    are imported before Ray starts. In a Ray job with a working_dir (``pathray submit``) the CPU
+    torch imported after ``ray.init`` aborts ("Intel oneMKL FATAL ERROR: Cannot load
+    .../libtorch_cpu.so", Ray 2.60 + torch 2.13), and importing timm reads the working directory,
+    which the job's runtime env may have removed by the time training ends (seen with two nodes
+    sharing one machine's temp dir).
+    """
     from pathray.cluster.ray_local import ensure_ray
+
+    if trains:
+        from pathray.models.timm_compat import import_timm
+
+        import_timm()
 
     storage.export_env()
     ensure_ray()
@@ -181,7 +194,7 @@ def train(
     from pathray.training.trainer import run_training
 
     cfg = _config(config, overrides)
-    _start_ray(cfg.storage)
+    _start_ray(cfg.storage, trains=True)
     result = run_training(cfg)
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
     for key, value in shown.items():
@@ -205,12 +218,12 @@ def experiment_cmd(
 
     exp = load_experiment(config, overrides or [])
     cells = cell_configs(exp, Path(exp.out) / exp.name)  # every cell is checked before Ray starts
-    _start_ray(cells[0].storage if cells else PathrayConfig().storage)
+    _start_ray(cells[0].storage if cells else PathrayConfig().storage, trains=True)
 
     def progress(done: int, total: int, name: str) -> None:
         typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
 
-    result = run_experiment(config, overrides or [], progress=progress)
+    result = run_experiment(exp, progress=progress)
     from pathray.training.experiment_report import markdown_table
 
     typer.echo(markdown_table(result.table))

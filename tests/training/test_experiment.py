@@ -18,7 +18,7 @@ def test_a_fraction_grid_writes_its_table_and_plots(ray_local, manifest_path, tm
     # One engine: the demo's e2e test runs the runner over two engines x two fractions.
     import pandas as pd
 
-    from pathray.training.experiment import run_experiment
+    from pathray.training.experiment import load_experiment, run_experiment
 
     exp = {
         "experiment": {
@@ -45,7 +45,9 @@ def test_a_fraction_grid_writes_its_table_and_plots(ray_local, manifest_path, tm
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(exp))
     seen = []
-    result = run_experiment(path, progress=lambda done, total, name: seen.append((done, total)))
+    result = run_experiment(
+        load_experiment(path), progress=lambda done, total, name: seen.append((done, total))
+    )
     table = pd.read_parquet(result.paths["results"])
     assert sorted(zip(table.engine, table.fraction, strict=True)) == [("debug_vit", 0.5), ("debug_vit", 1.0)]
     assert (table.steps == 3).all() and (table.workers == 1).all()

@@ -99,7 +99,7 @@ def run_demo_experiment(out: Path, seg: ProjectConfig, dino_weights: str, consol
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pathray.config import dump_config
-    from pathray.training.experiment import ExperimentConfig, run_experiment
+    from pathray.training.experiment import ExperimentConfig, load_experiment, run_experiment
     from pathray.training.experiment_report import markdown_table
 
     base = out / "configs" / "demo-segmentation.yaml"
@@ -129,7 +129,7 @@ def run_demo_experiment(out: Path, seg: ProjectConfig, dino_weights: str, consol
         def advance(done: int, total: int, name: str) -> None:
             progress.update(task, completed=done, total=total, description=f"fine-tuning {name}")
 
-        result = run_experiment(path, progress=advance)
+        result = run_experiment(load_experiment(path), progress=advance)
     console.print("experiment: foundation (DINO-initialised ViT) vs CNN (random init), segmentation")
     console.print(markdown_table(result.table))
     full = result.table[result.table["fraction"] == 1.0].sort_values("macro_f1", ascending=False)

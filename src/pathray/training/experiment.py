@@ -51,11 +51,12 @@ class ExperimentResult:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentSection:
-    """An experiment file's section, its ``base`` resolved against the file's folder."""
+    """An experiment file's section: ``base`` resolved against the file's folder and ``out`` against the
+    working directory, both made absolute (a Ray job's driver may change directory once Ray is up)."""
     path = Path(path)
     exp = load_section(ExperimentConfig, path, overrides or []).experiment
-    base = Path(exp.base)
-    return exp.model_copy(update={"base": str(base if base.is_absolute() else path.parent / base)})
+    base = (path.parent / exp.base).absolute()  # an absolute base stays as it is
+    return exp.model_copy(update={"base": str(base), "out": str(Path(exp.out).absolute())})
 
 
 def cell_config(
@@ -113,10 +114,9 @@ def _history(result: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def run_experiment(
-    path: str | Path, overrides: list[str] | None = None, progress: Any = None
-) -> ExperimentResult:
-    """Run every cell of the grid, one Ray Train run after another; write the table and plots.
+def run_experiment(exp: ExperimentSection, progress: Any = None) -> ExperimentResult:
+    """Run every cell of the grid (``load_experiment``), one Ray Train run after another; write the
+    table and plots.
 
     Every cell's config is validated before the first run starts. Needs a running Ray.
     """
@@ -125,7 +125,6 @@ def run_experiment(
     from pathray.training.experiment_report import write_report
     from pathray.training.trainer import run_training
 
-    exp = load_experiment(path, overrides)
     root = Path(exp.out) / exp.name
     cells = cell_configs(exp, root)
     root.mkdir(parents=True, exist_ok=True)
