@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     path = write_slides(args.workdir, args.slides, args.size)
     local = load_manifest(path)
     config = stream_config(args.tiles // args.slides)
-    ensure_ray(num_cpus=2, log_to_driver=False)
     results: dict[str, tuple[Rates, Rates]] = {}
     with LocalObjectStore() as store:
+        # after the store: its credentials are in this process's environment, which Ray's workers inherit
+        ensure_ray(num_cpus=2, log_to_driver=False)
         prefix = f"s3://{store.bucket}/stream"
         for row in local.itertuples():
             store.upload_file(Path(row.uri), f"{prefix}/{Path(row.uri).name}")

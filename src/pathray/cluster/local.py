@@ -110,7 +110,8 @@ class LocalObjectStore:
     """SeaweedFS S3 endpoint on 127.0.0.1: free ports, a temp data dir, clean shutdown by PID.
 
     A real object store rather than a mock, so range reads, auth errors and listings behave as in
-    production. About 3 s to start and ~110 MB RSS idle.
+    production. About 3 s to start and ~110 MB RSS idle. Its credentials go into this process's
+    environment (``env_names``): start it before a local Ray, whose workers inherit them there.
 
     Example:
         with LocalObjectStore() as store:
