@@ -60,6 +60,15 @@ def _config(config: Path | None, overrides: list[str] | None) -> PathrayConfig:
     return load_config(config, overrides or [])
 
 
+def _experiment(config: Path, overrides: list[str]) -> tuple[Any, Any]:
+    """An experiment and the storage of its cells, every cell's config checked (here, not on Ray)."""
+    from pathray.training.experiment import cell_configs, load_experiment
+
+    exp = load_experiment(config, overrides)
+    cells = cell_configs(exp, Path(exp.out) / exp.name)
+    return exp, (cells[0] if cells else PathrayConfig()).storage
+
+
 def _start_ray(storage: Any, trains: bool = False) -> None:
     """Attach to ``RAY_ADDRESS`` or start a local Ray; credentials given in the config are put into
     this process's environment first, where a local Ray's workers read them (never in their config).
@@ -214,11 +223,10 @@ def experiment_cmd(
     overrides: SetOpt = None,
 ) -> None:
     """Run a grid of training runs (engines x training fractions x workers); write a table and plots."""
-    from pathray.training.experiment import cell_configs, load_experiment, run_experiment
+    from pathray.training.experiment import run_experiment
 
-    exp = load_experiment(config, overrides or [])
-    cells = cell_configs(exp, Path(exp.out) / exp.name)  # every cell is checked before Ray starts
-    _start_ray(cells[0].storage if cells else PathrayConfig().storage, trains=True)
+    exp, storage = _experiment(config, overrides or [])
+    _start_ray(storage, trains=True)
 
     def progress(done: int, total: int, name: str) -> None:
         typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
@@ -321,11 +329,7 @@ def submit_cmd(
     if command == "train":
         storage = _config(config, overrides).storage
     elif command == "experiment":
-        from pathray.training.experiment import cell_configs, load_experiment
-
-        exp = load_experiment(config, overrides)
-        cells = cell_configs(exp, Path(exp.out) / exp.name)
-        storage = cells[0].storage if cells else PathrayConfig().storage
+        exp, storage = _experiment(config, overrides)
         files[BASE_NAME] = Path(exp.base)  # the base project travels beside the experiment file
         overrides.append(f"experiment.base={BASE_NAME}")
     else:

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -44,9 +44,21 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, not silently ignored."""
+    """Base of every config section: unknown keys are errors, not silently ignored.
+
+    ``process_local`` names secret fields that stay in the process that read them: a section
+    pickled for another process (a Ray worker, actor or Serve replica, or the app Serve stores)
+    carries None there, and that process reads the secret from its environment instead.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    process_local: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        if self.process_local:
+            state["__dict__"] = {**state["__dict__"], **dict.fromkeys(self.process_local)}
+        return state
 
 
 def interpolate_env(value: Any) -> Any:

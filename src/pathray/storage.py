@@ -89,16 +89,12 @@ class StorageConfig(Section):
     )
     presign_expires_s: int = Field(3600, gt=60, description="lifetime of presigned URLs; renewed at 80 %")
 
+    process_local = ("key", "secret")  # another process reads key_env / secret_env
+
     @field_validator("key", "secret", mode="after")
     @classmethod
     def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
-
-    def __getstate__(self) -> dict[Any, Any]:
-        """Pickled for another process without the literal secrets: that process reads the environment."""
-        state = super().__getstate__()
-        state["__dict__"] = {**state["__dict__"], "key": None, "secret": None}
-        return state
 
     def credentials(self) -> tuple[str, str] | None:
         """``(key, secret)`` given in the config or in ``key_env``/``secret_env``; None: the SDK's own

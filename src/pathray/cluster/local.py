@@ -170,9 +170,8 @@ class LocalObjectStore:
                     if port and stat.S_ISSOCK(sock.lstat().st_mode):
                         sock.unlink()
             for name in self._creds:
-                stem = f"PATHRAY_S3_{self.ports.get('s3')}_{name.upper()}"
-                os.environ.pop(f"{stem}_KEY", None)
-                os.environ.pop(f"{stem}_SECRET", None)
+                for variable in self._env_names(name):
+                    os.environ.pop(variable, None)
             self._creds = {}
             if self._run_dir is not None:
                 shutil.rmtree(self._run_dir, ignore_errors=True)
@@ -239,7 +238,10 @@ class LocalObjectStore:
         self._started()
         if identity not in self._creds:
             raise ValueError(f"unknown identity {identity!r}; known: {', '.join(IDENTITIES)}")
-        stem = f"PATHRAY_S3_{self.ports['s3']}_{identity.upper()}"
+        return self._env_names(identity)
+
+    def _env_names(self, identity: str) -> tuple[str, str]:
+        stem = f"PATHRAY_S3_{self.ports.get('s3')}_{identity.upper()}"
         return f"{stem}_KEY", f"{stem}_SECRET"
 
     def ensure_bucket(self, name: str) -> None:
@@ -336,9 +338,8 @@ class LocalObjectStore:
         config_file = self._run_dir / "s3.json"
         config_file.touch(mode=0o600)
         config_file.write_text(json.dumps(identities(self.bucket, self._creds)), encoding="utf-8")
-        for name, (key, secret) in self._creds.items():
-            stem = f"PATHRAY_S3_{self.ports['s3']}_{name.upper()}"
-            os.environ[f"{stem}_KEY"], os.environ[f"{stem}_SECRET"] = key, secret
+        for name, credentials in self._creds.items():
+            os.environ.update(zip(self._env_names(name), credentials, strict=True))
         # Grow one volume per new bucket instead of seven: small disks, many buckets, faster first write.
         env = os.environ | {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
         with open(self._data_dir / "weed.log", "ab") as log:

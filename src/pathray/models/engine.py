@@ -75,15 +75,10 @@ class Engine(nn.Module):
         timm = import_timm()
         size = {"input_size": (3, config.img_size, config.img_size)} if config.img_size else {}
         resolved = timm.data.resolve_data_config(size, model=backbone)
-        self.data_config: dict[str, Any] = {
-            **resolved,
-            "mean": tuple(float(m) for m in resolved["mean"]),
-            "std": tuple(float(s) for s in resolved["std"]),
-        }
-        self.register_buffer(
-            "_mean", torch.tensor(self.data_config["mean"]).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("_std", torch.tensor(self.data_config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.data_config: dict[str, Any] = dict(resolved)
+        self.register_buffer("_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.ones(1, 3, 1, 1), persistent=False)
+        self.set_normalization(resolved["mean"], resolved["std"])
         self._frozen = False
         if config.weights and not config.weights.startswith("timm:"):
             self.load_backbone_weights(config.weights)
@@ -94,7 +89,8 @@ class Engine(nn.Module):
         raise NotImplementedError
 
     def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        """Normalise inputs with ``mean``/``std`` (a model package's own, recorded when it was made)."""
+        """Normalise inputs with ``mean``/``std``: the model's own (timm's data config), or a model
+        package's, recorded when it was made."""
         self.data_config = {
             **self.data_config,
             "mean": tuple(map(float, mean)),

@@ -98,19 +98,14 @@ class SecuritySection(Section):
     )
     token_env: str = Field("PATHRAY_SERVE_TOKEN", description="environment variable holding the token")
 
+    process_local = ("token",)  # replicas read token_env
+
     @field_validator("allowed_prefixes")
     @classmethod
     def _prefixes(cls, value: list[str]) -> list[str]:
         from pathray.serving.security import normalise_prefix
 
         return [normalise_prefix(p) for p in value]
-
-    def __getstate__(self) -> dict[Any, Any]:
-        """Pickled for a replica (and stored by Serve with the app) without the token: replicas read
-        ``token_env``."""
-        state = super().__getstate__()
-        state["__dict__"] = {**state["__dict__"], "token": None}
-        return state
 
     def export_env(self) -> None:
         """Put a token given in the config into ``token_env``, where the replicas of a local Ray
