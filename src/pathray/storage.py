@@ -14,11 +14,15 @@ them from the environment variables ``key_env`` and ``secret_env`` instead.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from pydantic import Field, SecretStr, field_validator
@@ -27,6 +31,58 @@ from pathray.section import Section
 
 SCHEMES = ("file", "s3", "gs", "memory", "http", "https")
 AWS_KEY_ENV, AWS_SECRET_ENV = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
+T = TypeVar("T")
+
+# What signs a request: presigned query strings (SigV2 and SigV4, GCS, Azure SAS), the
+# Authorization header's credential and signature, session tokens. None of it may reach a message.
+_SECRET_PARAMS = (
+    r"AWSAccessKeyId|Signature|X-Amz-[A-Za-z-]+|x-amz-security-token|Expires|GoogleAccessId"
+    r"|X-Goog-[A-Za-z-]+|sig|se|sp|sv|sr|st|skoid|sktid|token|access_token"
+)
+_QUERY = re.compile(r"\?[^\s'\"<>)]*(?:" + _SECRET_PARAMS + r")=[^\s'\"<>)]*", re.IGNORECASE)
+_PARAM = re.compile(r"\b(" + _SECRET_PARAMS + r"|Credential|SignedHeaders)=[^\s&,'\"<>)]+", re.IGNORECASE)
+_AUTH = re.compile(r"(Authorization['\"]?\s*[:=]\s*b?['\"]?)[^'\"\n]+", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """``text`` without signed query strings, signatures, access key ids or session tokens.
+
+    ``http://h/b/k?X-Amz-Credential=...&X-Amz-Signature=...`` becomes ``http://h/b/k?<redacted>``;
+    a lone ``Signature=...`` or an Authorization header's value becomes ``<redacted>``. Every
+    StorageError's cause goes through here, and so does every failure reason pathray reports.
+    """
+    if "=" not in text:
+        return text
+    text = _QUERY.sub("?" + REDACTED, text)
+    text = _AUTH.sub(lambda m: m.group(1) + REDACTED, text)
+    return _PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+
+
+class _RedactingRecords:
+    """A log record factory that redacts every message before any handler sees it (urllib3 logs
+    request lines with their query string at DEBUG; botocore logs signed headers)."""
+
+    def __init__(self, inner: Callable[..., logging.LogRecord]) -> None:
+        self.inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.inner(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string is the logger's own business
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+
+def redact_logs() -> None:
+    """Redact every log message of this process from now on (idempotent; storage calls it on first use)."""
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _RedactingRecords):
+        logging.setLogRecordFactory(_RedactingRecords(factory))
 
 
 class StorageError(Exception):
@@ -35,9 +91,9 @@ class StorageError(Exception):
     reason = "cannot read"
 
     def __init__(self, uri: str, cause: str) -> None:
-        self.uri = uri
-        self.cause = cause
-        super().__init__(f"{type(self).__name__}: {self.reason} {uri}: {cause}")
+        self.uri = redact(uri)
+        self.cause = redact(cause)
+        super().__init__(f"{type(self).__name__}: {self.reason} {self.uri}: {self.cause}")
 
     def __str__(self) -> str:
         return f"{self.reason} {self.uri}: {self.cause}"
@@ -59,6 +115,13 @@ class UnsupportedSchemeError(StorageError):
     """The URI's scheme is not one pathray can read from."""
 
     reason = "unsupported location"
+
+
+class StorageUnavailableError(StorageError):
+    """The storage did not answer in time, refused connections or kept failing (5xx) until the
+    deadline: worth trying again later, unlike a missing object or a refusal."""
+
+    reason = "storage unavailable for"
 
 
 class StorageConfig(Section):
@@ -88,6 +151,22 @@ class StorageConfig(Section):
         description="s3: fetch tile ranges over a presigned URL with a plain HTTP pool (less CPU)",
     )
     presign_expires_s: int = Field(3600, gt=60, description="lifetime of presigned URLs; renewed at 80 %")
+    connect_timeout_s: float = Field(5.0, gt=0, description="per request: time to open a connection")
+    read_timeout_s: float = Field(20.0, gt=0, description="per request: time without a byte from the server")
+    retries: int = Field(
+        4, ge=0, le=20, description="retries of a request after timeouts, refused connections or 5xx"
+    )
+    retry_backoff_s: float = Field(
+        0.25, ge=0, description="wait before the first retry; doubles each time, at most 4 s"
+    )
+    deadline_s: float = Field(
+        60.0, gt=0, description="per read, retries included: a hung or dead endpoint fails by then"
+    )
+    cache_max_bytes: int = Field(
+        20 * 2**30,
+        gt=0,
+        description="local copies of slides only OpenSlide reads: the least recently used go beyond this",
+    )
 
     process_local = ("key", "secret")  # another process reads key_env / secret_env
 
@@ -128,15 +207,25 @@ class StorageConfig(Section):
             return {}
         # No filesystem-wide block size: s3fs writes need blocks of >= 5 MB; slide reads pass
         # ``block_size`` themselves.
-        opts: dict[str, Any] = {"anon": self.anon}
+        # One attempt per botocore call, bounded by the timeouts; ``retrying`` retries and keeps the deadline.
+        config: dict[str, Any] = {
+            "connect_timeout": self.connect_timeout_s,
+            "read_timeout": self.read_timeout_s,
+            "retries": {"max_attempts": 1, "mode": "standard"},
+        }
+        opts: dict[str, Any] = {"anon": self.anon, "config_kwargs": config}
         if self.endpoint():
             opts["client_kwargs"] = {"endpoint_url": self.endpoint()}
         creds = self.credentials()
         if creds is not None:
             opts["key"], opts["secret"] = creds
         if self.region:
-            opts.setdefault("config_kwargs", {})["region_name"] = self.region
+            config["region_name"] = self.region
         return opts
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based)."""
+        return min(self.retry_backoff_s * 2**retry, 4.0)
 
 
 @dataclass(frozen=True)
@@ -202,27 +291,142 @@ _FS_LOCK = threading.Lock()
 
 
 def filesystem(location: Location, storage: StorageConfig | None = None) -> Any:
-    """The fsspec filesystem for ``location`` (instances are cached by fsspec per options)."""
+    """The fsspec filesystem for ``location`` (instances are cached by fsspec per options).
+
+    Each of its requests is bounded by the config's timeouts and made once: call it through
+    ``retrying`` (as every read here does) for retries with backoff and an overall deadline.
+    """
     import fsspec
 
     storage = storage or StorageConfig()
+    redact_logs()
     try:
         with _FS_LOCK:
-            return fsspec.filesystem(location.protocol, **storage.options_for(location.protocol))
+            fs = fsspec.filesystem(location.protocol, **storage.options_for(location.protocol))
     except ImportError as exc:
         raise UnsupportedSchemeError(
             location.uri, f"the {location.protocol} filesystem is not installed ({exc.name})"
         ) from None
+    if location.protocol == "s3":
+        fs.retries = 1  # s3fs retries 5 times on its own by default: ``retrying`` does it, once
+    return fs
+
+
+# Exceptions (by class name anywhere in their MRO or cause chain) that mean "the storage did not
+# answer", as opposed to "the storage answered no": timeouts, refused or dropped connections.
+_TRANSIENT_TYPES = frozenset(
+    {
+        "TimeoutError",
+        "FSTimeoutError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectionError",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ProtocolError",
+        "NewConnectionError",
+        "IncompleteRead",
+        "RemoteDisconnected",
+        "TransientHTTPError",
+    }
+)
+_TRANSIENT_TEXT = re.compile(
+    r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|\b50[0234]\b|Service Unavailable",
+    re.IGNORECASE,
+)
+
+
+class TransientHTTPError(Exception):
+    """A 5xx answer: the server is there but failing; worth a retry."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the storage did not answer in time or failed on its side (retry it)."""
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        if isinstance(item, StorageUnavailableError):
+            return True
+        if isinstance(item, StorageError):
+            return False
+        if any(cls.__name__ in _TRANSIENT_TYPES for cls in type(item).__mro__):
+            return True
+        if isinstance(item, OSError) and _TRANSIENT_TEXT.search(str(item)):
+            return True
+        item = item.__cause__ or item.__context__
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line for people: the exception's type and first line, redacted."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def retrying(uri: str, storage: StorageConfig | None, attempt: Callable[[float], T]) -> T:
+    """``attempt(seconds_left)`` until it succeeds, retried on transient failures within the deadline.
+
+    ``attempt`` gets the seconds left before ``storage.deadline_s`` and must not take (much)
+    longer; it is retried up to ``storage.retries`` times with doubling backoff while the failure
+    is transient (``is_transient``). Any other failure is translated at once.
+
+    Raises:
+        StorageUnavailableError: the deadline passed or the retries ran out on transient failures.
+        StorageError: another failure (ObjectNotFoundError, AccessDeniedError, ...).
+    """
+    storage = storage or StorageConfig()
+    start = time.monotonic()
+    deadline = start + storage.deadline_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return attempt(max(deadline - time.monotonic(), 0.001))
+        except Exception as exc:  # noqa: BLE001 - every failure is translated or retried
+            if not is_transient(exc):
+                raise translate_error(uri, exc) from None
+            last = exc
+        left = deadline - time.monotonic()
+        wait = storage.backoff(tries - 1)
+        if tries > storage.retries or left <= wait:
+            break
+        time.sleep(wait)
+    raise StorageUnavailableError(
+        uri,
+        f"no answer after {tries} attempt(s) in {time.monotonic() - start:.1f} s "
+        f"(deadline {storage.deadline_s:g} s; last: {describe(last)})",
+    ) from None
+
+
+def call(location: Location, storage: StorageConfig | None, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``filesystem(location).method(*args, **kwargs)`` within the deadline, retried (see ``retrying``).
+
+    Async filesystems (s3, gs, http) are also cut off when the seconds left run out.
+    """
+    fs = filesystem(location, storage)
+    bound = getattr(fs, "async_impl", False)
+
+    def attempt(left: float) -> Any:
+        return getattr(fs, method)(*args, **kwargs, **({"timeout": left} if bound else {}))
+
+    return retrying(location.uri, storage, attempt)
 
 
 def translate_error(uri: str, exc: BaseException) -> StorageError:
     """Map a storage library's exception onto the StorageError a person can act on."""
     if isinstance(exc, StorageError):
         return exc
-    text = f"{type(exc).__name__}: {exc}".strip()
+    if is_transient(exc):
+        return StorageUnavailableError(uri, describe(exc))
+    text = describe(exc)
     low = text.lower()
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "nosuchbucket" in low or "404" in low:
-        return ObjectNotFoundError(uri, "no such file or object" + (f" ({exc})" if str(exc) else ""))
+        detail = f" ({redact(str(exc))})" if str(exc) else ""
+        return ObjectNotFoundError(uri, "no such file or object" + detail)
     if isinstance(exc, PermissionError) or "accessdenied" in low or "access denied" in low or "403" in low:
         return AccessDeniedError(uri, f"the storage refused access; check the credentials ({text})")
     if isinstance(exc, IsADirectoryError):
@@ -232,11 +436,7 @@ def translate_error(uri: str, exc: BaseException) -> StorageError:
 
 def stat(location: Location, storage: StorageConfig | None = None) -> dict[str, Any]:
     """Size and version tag (ETag or mtime) of the object: the cache key for derived data."""
-    fs = filesystem(location, storage)
-    try:
-        info = fs.info(location.path)
-    except Exception as exc:  # noqa: BLE001 - every storage error becomes a StorageError
-        raise translate_error(location.uri, exc) from None
+    info = call(location, storage, "info", location.path)
     if info.get("type") == "directory":
         raise ObjectNotFoundError(location.uri, "is a directory, not a file")
     tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
@@ -250,10 +450,7 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         StorageError: ObjectNotFoundError when nothing is there, AccessDeniedError, ...
     """
     location = parse_uri(uri)
-    try:
-        return filesystem(location, storage).cat_file(location.path)
-    except Exception as exc:  # noqa: BLE001
-        raise translate_error(uri, exc) from None
+    return call(location, storage, "cat_file", location.path)
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> str:
@@ -263,13 +460,12 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     that tile reads want (``StorageConfig.block_size``). Returns ``uri``.
     """
     location = parse_uri(uri)
-    fs = filesystem(location, storage)
-    try:
-        if location.is_local:
-            fs.makedirs(location.path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(location.path, data)
-    except Exception as exc:  # noqa: BLE001
-        raise translate_error(uri, exc) from None
+    if location.is_local:
+        try:
+            os.makedirs(location.path.rsplit("/", 1)[0], exist_ok=True)
+        except OSError as exc:
+            raise translate_error(uri, exc) from None
+    call(location, storage, "pipe_file", location.path, data)
     return uri
 
 
@@ -304,4 +500,7 @@ def arrow_filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[st
     creds = storage.credentials()
     if creds is not None:
         kwargs["access_key"], kwargs["secret_key"] = creds
+    kwargs["connect_timeout"] = storage.connect_timeout_s
+    kwargs["request_timeout"] = storage.read_timeout_s
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=storage.retries + 1)
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), pafs.S3FileSystem(**kwargs)

@@ -48,10 +48,11 @@ def test_same_pixels_as_local(remote_uri, s3_storage, synthetic):
 
 def test_a_tile_read_fetches_only_its_tiles(remote_uri, s3_storage, synthetic):
     size = synthetic.stat().st_size
-    exact = s3_storage.model_copy(update={"coalesce_gap": 0})  # merge only touching ranges
+    # merge only touching ranges; header reads ahead by 64 KiB (this 8 MB slide has 4 IFDs far apart)
+    exact = s3_storage.model_copy(update={"coalesce_gap": 0, "block_size": 65536})
     slide = open_slide(remote_uri, exact, cache=False, tile_cache=0)
-    after_open = slide.bytes_read
-    assert after_open < 0.1 * size, "opening parses headers; it must not download the slide"
+    after_open = slide.bytes_read  # bytes fetched from the store, read-ahead included
+    assert after_open < 0.05 * size, "opening parses headers; it must not download the slide"
     level = 1
     lv = slide._tiled[level]
     x0, y0 = 3 * lv.tile_w + 10, 4 * lv.tile_h + 10  # a 224 px region inside 4 tiles of level 1

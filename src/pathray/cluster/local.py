@@ -27,7 +27,7 @@ import fsspec
 from pydantic import Field
 
 from pathray.section import Section
-from pathray.storage import StorageConfig
+from pathray.storage import StorageConfig, redact_logs
 
 COMPONENTS = ("master", "volume", "filer", "s3")
 IDENTITIES = ("admin", "limited")
@@ -179,6 +179,40 @@ class LocalObjectStore:
             self._buckets.clear()
             atexit.unregister(self.stop)
 
+    # -- faults, for tests and drills: the endpoint hangs, dies and comes back ---------------------
+
+    def pause(self) -> None:
+        """Freeze weed (SIGSTOP): connections are still accepted by the kernel, never answered."""
+        _signal_group(self._started().pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused weed go on (SIGCONT)."""
+        _signal_group(self._started().pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL weed, as a crash would; ports, credentials and data stay for ``restart``."""
+        with self._lock:
+            proc = self._started()
+            _signal_group(proc.pid, signal.SIGCONT)
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+    def restart(self) -> None:
+        """Start weed again (killing it first if it runs) on the same ports, credentials and data,
+        so clients that knew the endpoint carry on; blocks until S3 accepts writes again."""
+        with self._lock:
+            if self._proc is None or self._run_dir is None:
+                raise RuntimeError("the object store was never started (or was stopped); call start()")
+            if self.running:
+                self.kill()
+            self._fs = None
+            self._buckets.clear()
+            self._spawn(find_weed())
+            try:
+                self._wait_ready()
+            except _PortTaken:
+                self._fail("another process took its ports while it was down")
+
     def __enter__(self) -> LocalObjectStore:
         return self.start()
 
@@ -290,6 +324,7 @@ class LocalObjectStore:
     def _admin_fs(self) -> Any:
         self._started()
         if self._fs is None:
+            redact_logs()
             opts = self.storage_config("admin").options_for("s3")
             self._fs = fsspec.filesystem("s3", skip_instance_cache=True, **opts)
         return self._fs
@@ -340,6 +375,12 @@ class LocalObjectStore:
         config_file.write_text(json.dumps(identities(self.bucket, self._creds)), encoding="utf-8")
         for name, credentials in self._creds.items():
             os.environ.update(zip(self._env_names(name), credentials, strict=True))
+        self._spawn(binary)
+        atexit.register(self.stop)
+
+    def _spawn(self, binary: str) -> None:
+        """Start weed on the ports, credentials and data already chosen."""
+        assert self._data_dir is not None
         # Grow one volume per new bucket instead of seven: small disks, many buckets, faster first write.
         env = os.environ | {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
         with open(self._data_dir / "weed.log", "ab") as log:
@@ -352,7 +393,6 @@ class LocalObjectStore:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        atexit.register(self.stop)
 
     def _wait_ready(self) -> None:
         """Wait until S3 answers HTTP, then until the bucket exists and a probe object can be written."""

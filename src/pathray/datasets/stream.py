@@ -24,7 +24,7 @@ from pathray.datasets.augment import augment, multicrop
 from pathray.datasets.config import StreamConfig
 from pathray.models.tasks import TaskSpec
 from pathray.registry import SAMPLERS
-from pathray.storage import StorageConfig, StorageError
+from pathray.storage import StorageConfig, StorageError, StorageUnavailableError, redact
 from pathray.wsi.annotations import annotation_index
 from pathray.wsi.backends import SlideError, open_slide
 from pathray.wsi.patching import SlideRegions, TissueConfig, build_sampler, rng_for, tissue_mask
@@ -95,9 +95,13 @@ def sample_slide(
             raise SlideError(row["uri"], "the slide has no usable mpp; set the manifest's mpp column")
         mask = tissue_mask(slide, tissue)
         regions = annotation_index(row["annotations_uri"], storage).regions
+    except StorageUnavailableError as exc:  # the storage is down for now: this chunk's tiles are lost
+        if faults is not None:
+            faults.tiles_skipped(row["uri"], chunk_size(config, row["chunk"]) or 0, exc.cause)
+        return []
     except (StorageError, ValueError, OSError) as exc:
         if faults is not None:
-            faults.slide_failed(row["uri"], str(exc.cause if isinstance(exc, StorageError) else exc))
+            faults.slide_failed(row["uri"], exc.cause if isinstance(exc, StorageError) else redact(str(exc)))
         return []
     w, h = slide.dimensions
     geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
@@ -124,26 +128,39 @@ class TileReader:
     def _read(
         self, slide: Any, coords: list[tuple[int, int]], size: int, mpp: float
     ) -> list[np.ndarray | None]:
-        """Read a group, retrying; a group that keeps failing is read tile by tile, skipping failures."""
+        """Read a group, retrying; a group that keeps failing is read tile by tile, skipping failures.
+
+        Storage that stays down past its deadline (the storage layer has retried by then) skips
+        the rest of the group at once, counted, instead of waiting out a deadline per tile.
+        """
         for attempt in range(self.config.read_retries + 1):
             try:
                 return list(slide.read_batch(coords, size, mpp))
+            except StorageUnavailableError as exc:
+                return self._skip(slide.uri, coords, exc)
             except SlideError:
                 if self.faults is not None and attempt < self.config.read_retries:
                     self.faults.retried()
         out: list[np.ndarray | None] = []
-        for x, y in coords:
+        for k, (x, y) in enumerate(coords):
             tile = None
             for _ in range(self.config.read_retries + 1):
                 try:
                     tile = slide.read(x, y, size, mpp)
                     break
+                except StorageUnavailableError as exc:
+                    return out + self._skip(slide.uri, coords[k:], exc)
                 except SlideError as exc:
                     cause = exc.cause
             if tile is None and self.faults is not None:
                 self.faults.tiles_skipped(slide.uri, 1, cause)
             out.append(tile)
         return out
+
+    def _skip(self, uri: str, coords: list[tuple[int, int]], exc: StorageError) -> list[np.ndarray | None]:
+        if self.faults is not None:
+            self.faults.tiles_skipped(uri, len(coords), exc.cause)
+        return [None] * len(coords)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["x"])
@@ -162,7 +179,9 @@ class TileReader:
             try:
                 slide = open_slide(uri, self.storage, mpp=override or None, tile_cache=self.config.tile_cache)
             except SlideError as exc:
-                if self.faults is not None:
+                if self.faults is not None and isinstance(exc, StorageUnavailableError):
+                    self.faults.tiles_skipped(uri, len(idx), exc.cause)  # down for now, not broken
+                elif self.faults is not None:
                     self.faults.slide_failed(uri, exc.cause)
                 continue
             slide_mpp[uri] = slide.mpp or 0.0

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from pathray.storage import describe
+
 STATUS_FILE = "status.json"
 STATES = ("queued", "running", "done", "failed")
 
@@ -87,9 +89,9 @@ class Analysis:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """A one-line reason for people: the root cause of a Ray task error, not its traceback."""
+    """A one-line reason for people: the root cause of a Ray task error, not its traceback, with
+    no signed URL or credential in it (``redact``)."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc:
         return failure_reason(cause)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe(exc)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pathray.inference.config import InferenceConfig
-from pathray.storage import StorageConfig, join_uri, write_bytes
+from pathray.storage import StorageConfig, join_uri, redact, write_bytes
 from pathray.wsi.patching.tissue import TissueConfig
 
 SUMMARY_FILES = ("summary.parquet", "summary.csv")
@@ -71,7 +71,7 @@ class SlideAnalyzer:
             dest = join_uri(self.out_uri, slide_id)
             write_outputs(result, dest, open_slide(uri, self.storage), self.storage)
         except Exception as exc:  # noqa: BLE001 - one bad slide is a row, not the end of the run
-            row.update(status="failed", reason=str(exc) or type(exc).__name__)
+            row.update(status="failed", reason=redact(str(exc)) or type(exc).__name__)
             return row
         row.update(tiles=result.tiles, seconds=time.perf_counter() - t0, outputs=dest)
         for name, area in result.areas_mm2.items():

@@ -11,6 +11,7 @@ from pathray.wsi.backends.errors import (
     SlideLocationError,
     SlideNotFoundError,
     SlideReadError,
+    SlideUnavailableError,
     as_slide_error,
 )
 from pathray.wsi.backends.levels import LevelChoice, plausible_mpp, select_level
@@ -29,6 +30,7 @@ __all__ = [
     "SlideLocationError",
     "SlideNotFoundError",
     "SlideReadError",
+    "SlideUnavailableError",
     "as_slide_error",
     "open_slide",
     "plausible_mpp",

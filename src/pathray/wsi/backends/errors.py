@@ -6,7 +6,13 @@ failures of the storage layer under a slide become their slide flavour (``as_sli
 
 from __future__ import annotations
 
-from pathray.storage import AccessDeniedError, ObjectNotFoundError, StorageError, UnsupportedSchemeError
+from pathray.storage import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+    UnsupportedSchemeError,
+)
 
 
 class SlideError(StorageError):
@@ -33,6 +39,12 @@ class SlideAccessError(SlideError, AccessDeniedError):
     reason = "access denied to"
 
 
+class SlideUnavailableError(SlideError, StorageUnavailableError):
+    """The storage holding the slide did not answer within its deadline (worth trying again later)."""
+
+    reason = "storage unavailable for"
+
+
 class SlideFormatError(SlideError):
     """The bytes are not a whole-slide image any reader understands."""
 
@@ -49,6 +61,7 @@ _FLAVOURS: tuple[tuple[type[StorageError], type[SlideError]], ...] = (
     (ObjectNotFoundError, SlideNotFoundError),
     (AccessDeniedError, SlideAccessError),
     (UnsupportedSchemeError, SlideLocationError),
+    (StorageUnavailableError, SlideUnavailableError),
 )
 
 

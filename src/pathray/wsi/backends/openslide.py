@@ -2,71 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-from pathlib import Path
-
 import numpy as np
 
 from pathray.registry import SLIDE_BACKENDS
-from pathray.storage import Location, StorageConfig, cache_root, filesystem, stat, translate_error
+from pathray.storage import Location, StorageConfig
+from pathray.wsi.backends.copies import MULTI_FILE_SUFFIXES, default_cache_dir, local_copy
 from pathray.wsi.backends.errors import SlideFormatError, SlideReadError
 from pathray.wsi.backends.slide import FILL, Slide
 
-# Formats whose slide is several files: copy these companions along with the named file.
-MULTI_FILE_SUFFIXES = {
-    ".mrxs": "folder",
-    ".vms": "siblings",
-    ".vmu": "siblings",
-    ".dcm": "siblings",
-    "": "siblings",
-}
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "slides"
-
-
-def local_copy(location: Location, storage: StorageConfig | None) -> str:
-    """A local path for ``location``: itself when local, else a cached copy (with companions).
-
-    The cache key includes the object's size and version tag, so a changed object is copied
-    again. Multi-file formats (DICOM folders, MRXS + data folder) are copied whole.
-    """
-    if location.is_local:
-        return location.path
-    storage = storage or StorageConfig()
-    info = stat(location, storage)
-    key = hashlib.sha256(f"{location.uri}|{info['size']}|{info['tag']}".encode()).hexdigest()[:24]
-    root = Path(storage.cache_dir).expanduser() if storage.cache_dir else default_cache_dir()
-    target_dir = root / key
-    target = target_dir / location.name
-    if target.exists():
-        return str(target)
-    fs = filesystem(location, storage)
-    parent = location.path.rsplit("/", 1)[0]
-    suffix = Path(location.name).suffix.lower()
-    mode = MULTI_FILE_SUFFIXES.get(suffix)
-    tmp = target_dir.with_name(key + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        if mode == "siblings":
-            for entry in fs.ls(parent, detail=True):
-                if entry.get("type") == "file":
-                    fs.get_file(entry["name"], str(tmp / entry["name"].rsplit("/", 1)[-1]))
-        else:
-            fs.get_file(location.path, str(tmp / location.name))
-            if mode == "folder":
-                stem = location.path[: -len(suffix)]
-                if fs.exists(stem):
-                    fs.get(stem, str(tmp / Path(location.name).stem), recursive=True)
-    except Exception as exc:  # noqa: BLE001
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise translate_error(location.uri, exc) from None
-    shutil.rmtree(target_dir, ignore_errors=True)
-    tmp.rename(target_dir)
-    return str(target)
+__all__ = ["MULTI_FILE_SUFFIXES", "OpenSlideBackend", "default_cache_dir", "local_copy"]
 
 
 @SLIDE_BACKENDS.register("openslide")

@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from pathray.storage import Location, StorageConfig, filesystem, translate_error
+from pathray.storage import (
+    Location,
+    StorageConfig,
+    StorageError,
+    TransientHTTPError,
+    filesystem,
+    redact_logs,
+    retrying,
+    stat,
+    translate_error,
+)
 from pathray.wsi.backends.errors import SlideAccessError, SlideNotFoundError, SlideReadError, as_slide_error
 
 log = logging.getLogger(__name__)
@@ -32,10 +42,9 @@ def _shared(name: str) -> Any:
             if name == "http":
                 import urllib3
 
-                _SHARED[name] = urllib3.PoolManager(
-                    maxsize=32,
-                    retries=urllib3.Retry(total=3, backoff_factor=0.1, status_forcelist=(500, 502, 503, 504)),
-                )
+                redact_logs()  # urllib3 logs request lines, query strings included, at DEBUG
+                # No retries here: ``retrying`` retries with the config's backoff and deadline.
+                _SHARED[name] = urllib3.PoolManager(maxsize=32, retries=False)
             else:
                 _SHARED[name] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pathray-ranges")
         return _SHARED[name]
@@ -82,17 +91,84 @@ class CountingFile:
         self._raw.close()
 
 
-def open_file(location: Location, storage: StorageConfig | None, counter: ByteCounter) -> CountingFile:
-    """Open the object for random-access reads (header parsing); errors become SlideErrors."""
-    fs = filesystem(location, storage)
-    readahead: dict[str, Any] = {}
-    if location.protocol == "s3":
-        readahead = {"block_size": (storage or StorageConfig()).block_size, "cache_type": "readahead"}
+def open_file(location: Location, storage: StorageConfig | None, counter: ByteCounter) -> Any:
+    """Open the object for random-access reads (header parsing); errors become SlideErrors.
+
+    Remote objects are read through a ``RangeReader`` in cached blocks, so header reads get the
+    same timeouts, retries and deadline as tiles.
+    """
+    storage = storage or StorageConfig()
+    if location.is_local:
+        try:
+            return CountingFile(open(location.path, "rb"), counter)  # noqa: SIM115 - closed by the caller
+        except OSError as exc:
+            raise as_slide_error(translate_error(location.uri, exc)) from None
     try:
-        raw = fs.open(location.path, "rb", **readahead)
-    except Exception as exc:  # noqa: BLE001
-        raise as_slide_error(translate_error(location.uri, exc)) from None
-    return CountingFile(raw, counter)
+        size = stat(location, storage)["size"]
+    except StorageError as exc:
+        raise as_slide_error(exc) from None
+    return RemoteFile(RangeReader(location, storage, counter), size, storage.block_size)
+
+
+class RemoteFile:
+    """A read-only, seekable file over a ``RangeReader`` that reads ahead: a miss fetches at least
+    ``block`` bytes from where it starts, and the last ``keep`` such spans are kept, so a TIFF
+    header's many small scattered reads cost a few requests."""
+
+    def __init__(self, reader: RangeReader, size: int, block: int, keep: int = 16) -> None:
+        self.reader, self.size, self.block, self.keep = reader, size, max(4096, block), keep
+        self.name = reader.location.uri
+        self.closed = False
+        self._pos = 0
+        self._spans: list[tuple[int, bytes]] = []  # most recently used last
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        with self._lock:
+            end = self.size if n is None or n < 0 else min(self.size, self._pos + n)
+            data = self._span(self._pos, end) if end > self._pos else b""
+            self._pos += len(data)
+            return data
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def _span(self, start: int, end: int) -> bytes:
+        for k, (at, data) in enumerate(self._spans):
+            if at <= start and end <= at + len(data):
+                self._spans.append(self._spans.pop(k))
+                return data[start - at : end - at]
+        length = min(self.size, max(end, start + self.block)) - start
+        data = self.reader.read_ranges([start], [length])[0]
+        self._spans = [*self._spans[-(self.keep - 1) :], (start, data)]
+        return data[: end - start]
+
+    def close(self) -> None:
+        self.closed = True
+        self.reader.close()
+
+    def __enter__(self) -> RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def coalesce(offsets: list[int], lengths: list[int], gap: int) -> list[tuple[int, int, list[int]]]:
@@ -129,12 +205,17 @@ class PresignedRanges:
                 self._made = time.monotonic()
             return self._url
 
-    def get(self, start: int, end: int) -> bytes:
+    def get(self, start: int, end: int, left: float, storage: StorageConfig) -> bytes:
+        """One range GET within ``left`` seconds; 5xx and network failures raise for a retry."""
+        import urllib3
+
+        timeout = urllib3.Timeout(
+            connect=min(storage.connect_timeout_s, left), read=min(storage.read_timeout_s, left)
+        )
         http = _shared("http")
+        headers = {"Range": f"bytes={start}-{end - 1}"}
         for attempt in range(2):
-            resp = http.request(
-                "GET", self.url(renew=attempt > 0), headers={"Range": f"bytes={start}-{end - 1}"}
-            )
+            resp = http.request("GET", self.url(renew=attempt > 0), headers=headers, timeout=timeout)
             if resp.status in (200, 206):
                 return resp.data
             body = resp.data[:300].decode("utf-8", "replace")
@@ -148,6 +229,8 @@ class PresignedRanges:
             raise SlideAccessError(
                 uri, f"the storage refused access; check the credentials (HTTP {resp.status})"
             )
+        if resp.status >= 500 or resp.status == 429:
+            raise TransientHTTPError(f"HTTP {resp.status} reading bytes {start}-{end - 1}")
         raise SlideReadError(uri, f"HTTP {resp.status} reading bytes {start}-{end - 1}: {body.strip()[:200]}")
 
 
@@ -157,6 +240,7 @@ class RangeReader:
     def __init__(self, location: Location, storage: StorageConfig | None, counter: ByteCounter) -> None:
         storage = storage or StorageConfig()
         self.location = location
+        self.storage = storage
         self.counter = counter
         self._gap = storage.coalesce_gap
         self._warned = False
@@ -207,37 +291,54 @@ class RangeReader:
                 yield i, data[rel : rel + lengths[i]]
 
     def _fetch(self, spans: list[tuple[int, int, list[int]]]) -> Iterator[tuple[int, bytes]]:
+        """Each span's bytes as it arrives; every request is retried within the storage deadline."""
+        uri, storage = self.location.uri, self.storage
         if self._presigned is not None:
             try:
                 self._presigned.url()
             except Exception as exc:  # noqa: BLE001 - presigning is an optimisation; fall back
-                log.info("%s: no presigned URL (%s); reading through the filesystem", self.location.uri, exc)
+                log.info("%s: no presigned URL (%s); reading through the filesystem", uri, type(exc).__name__)
                 self._presigned = None
         if self._presigned is not None:
+            presigned = self._presigned
+
+            def one(start: int, end: int) -> bytes:
+                return retrying(uri, storage, lambda left: presigned.get(start, end, left, storage))
+
             pool = _shared("threads")
-            futures = {pool.submit(self._presigned.get, s, e): k for k, (s, e, _) in enumerate(spans)}
+            futures = {pool.submit(one, s, e): k for k, (s, e, _) in enumerate(spans)}
             try:
                 for fut in as_completed(futures):
-                    yield futures[fut], fut.result()
+                    try:
+                        data = fut.result()
+                    except StorageError as exc:
+                        raise as_slide_error(exc) from None
+                    yield futures[fut], data
             finally:
                 for fut in futures:
                     fut.cancel()
             return
-        assert self._fs is not None
-        path = self.location.path
-        try:
-            if hasattr(self._fs, "cat_ranges"):
-                out = self._fs.cat_ranges(
-                    [path] * len(spans), [s for s, _, _ in spans], [e for _, e, _ in spans]
-                )
+        fs, path = self._fs, self.location.path
+        assert fs is not None
+        bound = getattr(fs, "async_impl", False)
+
+        def attempt(left: float) -> list[Any]:
+            limit = {"timeout": left} if bound else {}
+            if hasattr(fs, "cat_ranges"):
+                starts, ends = [s for s, _, _ in spans], [e for _, e, _ in spans]
+                out = fs.cat_ranges([path] * len(spans), starts, ends, on_error="return", **limit)
             else:
-                out = [self._fs.cat_file(path, start=s, end=e) for s, e, _ in spans]
-        except Exception as exc:  # noqa: BLE001
-            raise as_slide_error(translate_error(self.location.uri, exc)) from None
-        for k, item in enumerate(out):
-            if isinstance(item, BaseException):
-                raise as_slide_error(translate_error(self.location.uri, item))
-            yield k, item
+                out = [fs.cat_file(path, start=s, end=e, **limit) for s, e, _ in spans]
+            for item in out:
+                if isinstance(item, BaseException):
+                    raise item
+            return out
+
+        try:
+            out = retrying(uri, storage, attempt)
+        except StorageError as exc:
+            raise as_slide_error(exc) from None
+        yield from enumerate(out)
 
     def _whole_object_fallback(self, chunk: bytes, off: int, n: int) -> bytes:
         """A server that ignores Range sends the whole object: slice it, and say so once."""

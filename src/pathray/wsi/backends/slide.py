@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pathray.storage import Location, StorageConfig, StorageError, stat
+from pathray.storage import Location, StorageConfig, StorageError, StorageUnavailableError, stat
 from pathray.wsi.backends.errors import SlideError, SlideFormatError, SlideReadError
 from pathray.wsi.backends.levels import LevelChoice, plausible_mpp, select_level
 from pathray.wsi.backends.ranges import ByteCounter
@@ -79,10 +79,13 @@ class Slide(ABC):
         if self._version is None:
             try:
                 info = stat(self.location, self.storage)
-                self._version = f"{info['size']}:{info['tag']}"
+            except StorageUnavailableError:
+                return ""  # asked again next time: the storage may be back
             except StorageError:
                 self._version = ""  # e.g. an object store that does not answer HEAD
-        return self._version
+            else:
+                self._version = f"{info['size']}:{info['tag']}"
+        return self._version or ""
 
     def _init_levels(
         self, dims: tuple[tuple[int, int], ...], downsamples: tuple[float, ...], props: dict[str, Any]
