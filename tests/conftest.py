@@ -116,3 +116,34 @@ def save_package() -> Callable[..., str]:
         return save_model_package(str(uri), package, storage)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def assert_no_secrets(object_store: LocalObjectStore) -> Callable[..., None]:
+    """``assert_no_secrets(*texts, ray_logs=False)``: none of the texts (nor, with ``ray_logs``, any log
+    file of this Ray session) holds the endpoint's keys or secrets, a signature or a signed query."""
+    import re
+
+    signed = re.compile(
+        r"(Signature|AWSAccessKeyId|X-Amz-Credential|X-Amz-Security-Token|Credential)=(?!<redacted>)"
+        r"|\?(?!<redacted>)[\w.~%-]+=[^\s]*&",
+        re.IGNORECASE,
+    )
+
+    def check(*texts: str, ray_logs: bool = False) -> None:
+        everything = list(texts)
+        if ray_logs:
+            import ray
+
+            logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+            everything += [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file()]
+        secrets = [v for name in ("admin", "limited") for v in object_store.credentials(name)]
+        for text in everything:
+            leaked = [s for s in secrets if s in text]
+            assert not leaked, f"a credential in: {text[:2000]}"
+            match = signed.search(text)
+            assert match is None, (
+                f"{match.group(0)!r} in: {text[max(0, match.start() - 300) : match.end() + 300]}"
+            )
+
+    return check

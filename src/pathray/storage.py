@@ -98,6 +98,10 @@ class StorageError(Exception):
     def __str__(self) -> str:
         return f"{self.reason} {self.uri}: {self.cause}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from (uri, cause) in another process: a Ray task's error reaches its caller whole.
+        return type(self), (self.uri, self.cause)
+
 
 class ObjectNotFoundError(StorageError):
     """The URI points at nothing (no such file, key or bucket)."""

@@ -88,6 +88,65 @@ def test_slides_in_the_bucket_stream_the_same_tiles(ray_local, manifest, slides,
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["target"], b["target"])
 
 
+def test_an_endpoint_restarted_mid_stream_costs_counted_tiles_not_the_run(
+    ray_local, slides, object_store, s3_storage, assert_no_secrets
+):
+    """SeaweedFS is killed after the first batch and restarted (same port, credentials, data): reads
+    during the outage give up at their 2 s deadline and are counted as skipped, the rest arrive."""
+    import threading
+    import time
+
+    from pathray.datasets.faults import FaultLedger
+
+    for s in slides:  # the bucket test above may not have run
+        object_store.upload_file(s.path, object_store.url_for(f"stream/{s.path.name}"))
+        object_store.upload_file(
+            s.annotations_path, object_store.url_for(f"stream/{s.annotations_path.name}")
+        )
+    remote = synthetic_manifest(slides, uri_prefix=f"s3://{object_store.bucket}/stream")
+    remote["split"] = "train"
+    fast = s3_storage.model_copy(
+        update={"connect_timeout_s": 0.5, "read_timeout_s": 1.0, "retry_backoff_s": 0.2, "deadline_s": 2.0}
+    )
+    epochs, faults, outage = 16, FaultLedger(), threading.Event()
+
+    def kill_and_restart() -> None:
+        object_store.kill()
+        time.sleep(3.0)  # longer than the deadline: reads in flight now give up
+        object_store.restart()
+        outage.set()
+
+    rows: list = []
+    try:
+        ds = build(
+            remote, fast, faults, epochs=epochs, sampler={"kind": "random_tissue", "tiles_per_slide": 8}
+        )
+        for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+            if not rows:
+                threading.Thread(target=kill_and_restart, daemon=True).start()
+            rows.extend(batch["slide_id"])
+    finally:
+        outage.wait(60)
+        if not object_store.running:
+            object_store.restart()
+    summary = faults.summary()
+    assert outage.is_set()
+    assert summary["failed_slides"] == {}, summary  # an outage is not a broken slide
+    assert summary["skipped_tiles"] > 0, "the outage hit no read: the stream ended before it"
+    assert len(rows) + summary["skipped_tiles"] == len(remote) * 8 * epochs, summary
+    assert len(rows) > len(remote) * 8 * epochs / 2
+    assert_no_secrets(str(summary), ray_logs=True)  # the failed-slide report and the readers' logs
+
+
+def build(manifest, storage, faults, epochs: int, **overrides):
+    from pathray.datasets.stream import build_tile_dataset
+    from pathray.models.tasks import build_task
+
+    settings = {"augmentation": False, "readers": 1, **overrides}
+    spec = build_task({"name": "segmentation"})
+    return build_tile_dataset(manifest, StreamConfig(**settings), spec, storage, faults=faults, epochs=epochs)
+
+
 def corrupt_every_other_tile(path: Path, level: int) -> None:
     """Overwrite the start of every other JPEG tile of ``level``: those reads fail to decode."""
     from tiffslide import TiffSlide

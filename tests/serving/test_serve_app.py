@@ -84,6 +84,7 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
     models, output = object_store.url_for("serve-models"), object_store.url_for("serve-out")
     s3_slides = object_store.url_for("serve-slides")
     object_store.upload_file(slides / "slide_000.svs", f"{s3_slides}/a.svs")
+    object_store.upload_file(slides / "big" / "slide_000.svs", f"{s3_slides}/big.svs")
     # weights without their model.yaml: not a package
     object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/weights.safetensors")
     save_package(root / "models" / "seg", meta={"run": "test"})
@@ -93,7 +94,8 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
     object_store.upload_dir(root / "models", models)
     cfg = load_app_config(
         {
-            "storage": s3_storage.model_dump(),
+            # short storage deadlines: the endpoint-killed test fails in seconds, not a minute
+            "storage": s3_storage.model_dump() | {"read_timeout_s": 2, "retries": 3, "deadline_s": 6},
             "inference": {"chunk_tiles": 4, "read_threads": 2, "batch_size": 16},
             "serve": {
                 "models": models,
@@ -312,6 +314,34 @@ def test_unreadable_slides_fail_with_a_reason_and_the_service_goes_on(service):
     assert doc["status"] == "done" and doc["progress"]["done_tiles"] == doc["progress"]["total_tiles"]
     assert service.client.get("/v1/analyses/0123456789abcdef").status_code == 404
     assert service.client.get(f"/v1/analyses/{good}/passwd").status_code == 404
+
+
+def test_an_endpoint_killed_mid_analysis_fails_it_cleanly_and_the_next_one_runs(
+    service, object_store, assert_no_secrets
+):
+    """SeaweedFS dies while a slide in it is analysed: the analysis fails with a reason that names
+    the slide and carries no signed URL; the service stays up and, once the endpoint is back on the
+    same port, analyses that slide to the end."""
+    slide = f"{service.s3_slides}/big.svs"
+    analysis_id = service.post({"slide": slide, "model": "seg"}).json()["id"]
+    try:
+        _wait_for(
+            lambda: service.client.get(f"/v1/analyses/{analysis_id}").json()["progress"]["done_tiles"] > 0,
+            120,
+            "the first chunk",
+        )
+        object_store.kill()
+        doc = service.wait(analysis_id, timeout=90)
+        assert service.client.get("/healthz").json() == {"status": "ok"}
+    finally:
+        object_store.restart()
+    assert doc["status"] == "failed", doc
+    assert doc["reason"].startswith(f"SlideUnavailableError: storage unavailable for {slide}"), doc
+    assert 0 < doc["progress"]["done_tiles"] < doc["progress"]["total_tiles"], doc
+    assert_no_secrets(json.dumps(doc), ray_logs=True)  # the reason, and every log of every replica
+    again = service.wait(service.post({"slide": slide, "model": "seg"}).json()["id"])
+    assert again["status"] == "done", again
+    assert again["progress"]["done_tiles"] == again["progress"]["total_tiles"]
 
 
 # -- scaling and faults ------------------------------------------------------------------------

@@ -79,6 +79,17 @@ def chunk_size(config: StreamConfig, chunk: int) -> int | None:
     return max(0, min(per, config.sampler.tiles_per_slide - chunk * per))
 
 
+def report(faults: FaultLedger | None, uri: str, exc: Exception, tiles: int) -> None:
+    """Count what a failure costs: storage that is down for now loses ``tiles`` tiles (skipped);
+    anything else leaves the slide out (failed), reported once by name."""
+    if faults is None:
+        return
+    if isinstance(exc, StorageUnavailableError):
+        faults.tiles_skipped(uri, tiles, exc.cause)
+    else:
+        faults.slide_failed(uri, exc.cause if isinstance(exc, StorageError) else redact(str(exc)))
+
+
 def sample_slide(
     row: dict[str, Any],
     config: StreamConfig,
@@ -95,13 +106,8 @@ def sample_slide(
             raise SlideError(row["uri"], "the slide has no usable mpp; set the manifest's mpp column")
         mask = tissue_mask(slide, tissue)
         regions = annotation_index(row["annotations_uri"], storage).regions
-    except StorageUnavailableError as exc:  # the storage is down for now: this chunk's tiles are lost
-        if faults is not None:
-            faults.tiles_skipped(row["uri"], chunk_size(config, row["chunk"]) or 0, exc.cause)
-        return []
     except (StorageError, ValueError, OSError) as exc:
-        if faults is not None:
-            faults.slide_failed(row["uri"], exc.cause if isinstance(exc, StorageError) else redact(str(exc)))
+        report(faults, row["uri"], exc, chunk_size(config, row["chunk"]) or 0)
         return []
     w, h = slide.dimensions
     geometry = SlideRegions(row["slide_id"], w, h, slide.mpp, mask, regions)
@@ -179,16 +185,26 @@ class TileReader:
             try:
                 slide = open_slide(uri, self.storage, mpp=override or None, tile_cache=self.config.tile_cache)
             except SlideError as exc:
-                if self.faults is not None and isinstance(exc, StorageUnavailableError):
-                    self.faults.tiles_skipped(uri, len(idx), exc.cause)  # down for now, not broken
-                elif self.faults is not None:
-                    self.faults.slide_failed(uri, exc.cause)
+                report(self.faults, uri, exc, len(idx))
                 continue
             slide_mpp[uri] = slide.mpp or 0.0
+            if not self._annotations(uri, str(batch["annotations_uri"][idx[0]]), len(idx)):
+                continue
             coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in idx]
             for i, tile in zip(idx, self._read(slide, coords, size, mpp), strict=True):
                 tiles[i] = tile
         return self._rows(batch, tiles, slide_mpp)
+
+    def _annotations(self, uri: str, annotations_uri: str, n: int) -> bool:
+        """Load the slide's annotations (kept per process) before its tiles; False: leave them out."""
+        if self.task.views:
+            return True
+        try:
+            annotation_index(annotations_uri, self.storage)
+        except (StorageError, ValueError, OSError) as exc:
+            report(self.faults, uri, exc, n)
+            return False
+        return True
 
     def _rows(
         self, batch: dict[str, np.ndarray], tiles: list[np.ndarray | None], slide_mpp: dict[str, float]
