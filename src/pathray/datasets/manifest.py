@@ -124,21 +124,23 @@ class ManifestError(ValueError):
 
 def load_manifest(source: str | Path, storage: Any = None) -> pd.DataFrame:
     """Read a Parquet or CSV manifest from a path or any URI pathray reads slides from."""
-    from pathray.storage import filesystem, parse_uri, translate_error
+    import io
+
+    from pathray.storage import ObjectNotFoundError, StorageError, read_bytes, translate_error
 
     text = str(source)
     suffix = Path(text.split("?")[0]).suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ManifestError(text, [f"a manifest ends in .parquet or .csv, not {suffix or 'no suffix'!r}"])
-    location = parse_uri(text)
     try:
-        with filesystem(location, storage).open(location.path, "rb") as fh:
-            frame = pd.read_parquet(fh) if suffix == ".parquet" else pd.read_csv(fh)
-    except FileNotFoundError:
+        data = io.BytesIO(read_bytes(text, storage))  # within the storage deadline, retried
+        frame = pd.read_parquet(data) if suffix == ".parquet" else pd.read_csv(data)
+    except ObjectNotFoundError:
         raise ManifestError(text, ["no such file"]) from None
+    except StorageError as exc:
+        raise ManifestError(text, [exc.cause]) from None
     except Exception as exc:  # noqa: BLE001 - a broken file is a manifest problem, said plainly
-        err = translate_error(text, exc)
-        raise ManifestError(text, [err.cause]) from None
+        raise ManifestError(text, [translate_error(text, exc).cause]) from None
     return frame
 
 

@@ -11,6 +11,7 @@ from pathray.serving.security import is_safe_id
 from pathray.storage import (
     ObjectNotFoundError,
     StorageConfig,
+    call,
     filesystem,
     join_uri,
     parse_uri,
@@ -33,34 +34,36 @@ class ModelStore:
         self.uri, self.storage = uri, storage
         self._location = parse_uri(uri)
 
-    def _package_dir(self, fs: Any, model_id: str) -> str | None:
+    def _exists(self, path: str) -> bool:
+        return bool(call(self._location, self.storage, "exists", path))
+
+    def _package_dir(self, model_id: str) -> str | None:
         """``<id>/`` or ``<id>/model/`` (relative to the store), whichever holds a package."""
         root = self._location.path.rstrip("/")
         for layout in self.LAYOUTS:
             folder = f"{model_id}/{layout}"
-            if fs.exists(f"{root}/{folder}{CONFIG_FILE}") and fs.exists(f"{root}/{folder}{WEIGHTS_FILE}"):
+            if all(self._exists(f"{root}/{folder}{name}") for name in (CONFIG_FILE, WEIGHTS_FILE)):
                 return folder
         return None
 
     def ids(self) -> list[str]:
         """Model ids: the sub-folders holding a package (or a run's exported one), sorted."""
-        fs = filesystem(self._location, self.storage)
         root = self._location.path.rstrip("/")
-        fs.invalidate_cache(root)  # bucket listings are cached by s3fs; new packages must show
+        filesystem(self._location, self.storage).invalidate_cache(root)  # s3fs caches listings
         try:
-            entries = fs.ls(root, detail=True)
-        except FileNotFoundError:
+            entries = call(self._location, self.storage, "ls", root, detail=True)
+        except ObjectNotFoundError:
             return []
         names = [
             str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
         ]
-        return sorted(n for n in names if is_safe_id(n) and self._package_dir(fs, n) is not None)
+        return sorted(n for n in names if is_safe_id(n) and self._package_dir(n) is not None)
 
     def uri_for(self, model_id: str) -> str:
         """The package URI of ``model_id``; ValueError for ids that are not plain names or packages."""
         if not is_safe_id(model_id):
             raise ValueError(f"model id {model_id!r} is not a plain name")
-        folder = self._package_dir(filesystem(self._location, self.storage), model_id)
+        folder = self._package_dir(model_id)
         if folder is None:
             raise FileNotFoundError(f"no model package {model_id!r} in {self.uri}")
         return join_uri(self.uri, folder)

@@ -16,10 +16,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pathray.storage import (
+    Location,
+    ObjectNotFoundError,
     StorageConfig,
     absolute,
     arrow_filesystem,
-    filesystem,
+    call,
     is_remote,
     join_uri,
     parse_uri,
@@ -53,15 +55,15 @@ def checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
 def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     """``state.json`` of the newest checkpoint in a run directory (local or object storage)."""
     location = parse_uri(run_dir)
-    fs, path = filesystem(location, storage), location.path
     try:
-        found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*/state.json"))
-    except FileNotFoundError:
+        pattern = f"{location.path.rstrip('/')}/checkpoint_*/state.json"
+        found = sorted(call(location, storage, "glob", pattern))
+    except ObjectNotFoundError:
         return {}
     if not found:
         return {}
-    with fs.open(found[-1], "r") as fh:
-        return json.load(fh)
+    newest = Location(location.uri, location.protocol, found[-1])
+    return json.loads(call(newest, storage, "cat_file", newest.path))
 
 
 def epochs_needed(cfg: ProjectConfig, slides: int) -> int:
