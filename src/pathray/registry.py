@@ -80,3 +80,5 @@ TASKS: Registry[type] = Registry("task")
 """Task specs: targets, augmentation of targets, head, loss, metrics, outputs (``pathray.models.tasks``)."""
 LEARNERS: Registry[type] = Registry("learner")
 """How a task trains and is evaluated: supervised, self-distillation (``pathray.training.learners``)."""
+PRESETS: Registry[Any] = Registry("foundation preset")
+"""Public pathology foundation models: architecture, normalisation, pooling (``pathray.models.presets``)."""
