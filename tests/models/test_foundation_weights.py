@@ -58,12 +58,31 @@ def _saved(model: torch.nn.Module, folder: Path | None = None) -> dict[str, torc
 
 
 HF_CONFIGS = {  # the published architectures, two blocks deep
-    "phikon": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
-                   image_size=224, patch_size=16, layer_norm_eps=1e-12),
-    "phikon_v2": dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, image_size=224,
-                      patch_size=16, layerscale_value=1e-5),
-    "midnight": dict(hidden_size=1536, num_hidden_layers=2, num_attention_heads=24, image_size=518,
-                     patch_size=14, use_swiglu_ffn=True),
+    "phikon": dict(
+        hidden_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+        layer_norm_eps=1e-12,
+    ),
+    "phikon_v2": dict(
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=16,
+        layerscale_value=1e-5,
+    ),
+    "midnight": dict(
+        hidden_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=24,
+        image_size=518,
+        patch_size=14,
+        use_swiglu_ffn=True,
+    ),
 }
 
 
@@ -125,8 +144,14 @@ def test_cls_mean_pooling_leaves_registers_out(tmp_path: Path, monkeypatch: pyte
 
 def test_embed_equals_transformers_vit(tmp_path: Path):
     """Phikon's recipe: ViTModel(...).last_hidden_state[:, 0], from a saved HF model folder."""
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=256, image_size=224, patch_size=16)
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=224,
+        patch_size=16,
+    )
     reference = transformers.ViTModel(cfg).eval()
     randomise(reference)
     reference.save_pretrained(tmp_path)
@@ -143,9 +168,14 @@ def test_embed_equals_transformers_dinov2(tmp_path: Path, swiglu: bool):
     """Midnight's recipe: cat(CLS, mean(patch tokens)) of Dinov2Model trained at 518 px, run on
     224 px tiles (transformers resamples the position embedding, we resample it once at load);
     Phikon-v2's: the CLS token of a plain-MLP Dinov2Model."""
-    cfg = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                    image_size=518 if swiglu else 224, patch_size=14 if swiglu else 16,
-                                    use_swiglu_ffn=swiglu)
+    cfg = transformers.Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=518 if swiglu else 224,
+        patch_size=14 if swiglu else 16,
+        use_swiglu_ffn=swiglu,
+    )
     reference = transformers.Dinov2Model(cfg).eval()
     randomise(reference)
     reference.save_pretrained(tmp_path)
@@ -169,7 +199,6 @@ def assert_in_memory_layout_loads(model, state: dict, x: np.ndarray, expected: t
     load_strict(backbone, to_preset_layout(model.preset, backbone, state))
     model.backbone.load_state_dict(backbone.state_dict())
     torch.testing.assert_close(model.embed(x), expected, rtol=1e-4, atol=1e-4)
-
 
 
 @pytest.fixture
@@ -244,8 +273,12 @@ def test_weight_sources(tmp_path: Path):
     shards.mkdir()
     save_file({"cls_token": state["cls_token"]}, str(shards / "model-00001-of-00002.safetensors"))
     save_file({"pos_embed": state["pos_embed"]}, str(shards / "model-00002-of-00002.safetensors"))
-    index = {"weight_map": {"cls_token": "model-00001-of-00002.safetensors",
-                            "pos_embed": "model-00002-of-00002.safetensors"}}
+    index = {
+        "weight_map": {
+            "cls_token": "model-00001-of-00002.safetensors",
+            "pos_embed": "model-00002-of-00002.safetensors",
+        }
+    }
     (shards / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
     assert set(read_checkpoint(resolve_weights(shards))) == set(state)
     # HF cache: a cache root plus a repo id resolves to the newest snapshot when refs/main is absent

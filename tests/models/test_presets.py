@@ -42,8 +42,17 @@ EXPECTED = {
     "lunit_vits16": (LUNIT, 384, "cls", 16, 224, 1),
 }
 # Parameter counts the reference code reports (LazySlide's registry), in millions.
-PARAMS_M = {"uni": 303.4, "uni2_h": 681.4, "virchow": 631.2, "virchow2": 631.2, "phikon": 85.8,
-            "phikon_v2": 303.4, "h0_mini": 85.7, "midnight": 1134.8, "h_optimus_0": 1134.8}
+PARAMS_M = {
+    "uni": 303.4,
+    "uni2_h": 681.4,
+    "virchow": 631.2,
+    "virchow2": 631.2,
+    "phikon": 85.8,
+    "phikon_v2": 303.4,
+    "h0_mini": 85.7,
+    "midnight": 1134.8,
+    "h_optimus_0": 1134.8,
+}
 META_ABOVE = 300e6
 
 

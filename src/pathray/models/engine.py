@@ -11,21 +11,16 @@ The engines themselves live in ``vit.py`` (ViT + token decoder) and ``unet.py`` 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pathray.models.config import EngineConfig
+from pathray.models.foundation import resolve_layers
 from pathray.models.timm_compat import import_timm
-
-log = logging.getLogger(__name__)
-
-WRAPPER_KEYS = ("teacher", "student", "model", "state_dict")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+from pathray.models.weights import load_strict, read_checkpoint, resolve_weights
 
 
 def conv_norm_act(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -41,13 +36,14 @@ def create_backbone(
 ) -> nn.Module:
     """``timm.create_model`` with random init, or pretrained from the hub for ``weights="timm:<id>"``.
 
-    ``optional`` kwargs (``dynamic_img_size``, ...) are dropped for models that do not take them.
+    ``optional`` kwargs (``dynamic_img_size``, ...) are dropped for models that do not take them;
+    ``config.model_kwargs`` (layers by name) go over the engine's own ``kwargs``.
     """
     timm = import_timm()
     name, pretrained = config.model or default, False
     if config.weights and config.weights.startswith("timm:"):
         name, pretrained = config.weights.removeprefix("timm:"), True
-    kwargs = {"drop_path_rate": config.drop_path, **kwargs}
+    kwargs = {"drop_path_rate": config.drop_path, **kwargs, **resolve_layers(config.model_kwargs)}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs, **optional)
     except TypeError as err:
@@ -66,7 +62,17 @@ class Engine(nn.Module):
     dense_stride = 4
     num_layers = 0
 
-    def __init__(self, config: EngineConfig, backbone: nn.Module, embed_dim: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        backbone: nn.Module,
+        embed_dim: int,
+        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        weights_loaded: bool = False,
+    ) -> None:
+        """``normalisation``: (mean, std) of the backbone (default: timm's data config); ``config.mean``
+        and ``config.std`` win over it. ``weights_loaded``: the builder already loaded
+        ``config.weights`` (a preset's backbone), else a local file is loaded here, strictly."""
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -78,12 +84,23 @@ class Engine(nn.Module):
         self.data_config: dict[str, Any] = dict(resolved)
         self.register_buffer("_mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.ones(1, 3, 1, 1), persistent=False)
-        self.set_normalization(resolved["mean"], resolved["std"])
+        mean, std = normalisation or (resolved["mean"], resolved["std"])
+        self.set_normalization(config.mean or mean, config.std or std)
         self._frozen = False
-        if config.weights and not config.weights.startswith("timm:"):
+        if config.weights and not config.weights.startswith("timm:") and not weights_loaded:
             self.load_backbone_weights(config.weights)
-        if config.freeze_backbone:
-            self.freeze_backbone(True)
+
+    def prepare_training(self) -> None:
+        """Apply ``config.finetune`` (which backbone parameters train) and ``grad_checkpointing``;
+        ``build_engine`` calls it once the subclass has built its decoder and layer ids."""
+        from pathray.models.finetune import apply_finetune
+
+        kind, count = self.config.finetune_mode
+        apply_finetune(self, kind, count, self.config.lora_rank, self.config.lora_alpha)
+        if self.config.grad_checkpointing:
+            if not hasattr(self.backbone, "set_grad_checkpointing"):
+                raise ValueError(f"engine {self.config.name}: the backbone has no gradient checkpointing")
+            self.backbone.set_grad_checkpointing(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -162,75 +179,14 @@ class Engine(nn.Module):
         """Hook for engine-specific key or shape conversions of a loaded checkpoint."""
         return state
 
-    def load_backbone_weights(self, source: str) -> list[str]:
-        """Load a local checkpoint into the backbone; returns the checkpoint keys it did not use.
+    def load_backbone_weights(self, source: str) -> None:
+        """Load weights into the backbone strictly (``pathray.models.weights``): a local file, an HF
+        folder or cache snapshot, or a pathray run's ``checkpoint.pt`` (its backbone or DINO teacher).
 
         Raises:
-            ValueError: a tensor of the wrong shape (naming the key), or backbone tensors missing.
+            WeightsError: naming the missing, unexpected and mis-shaped keys
+                (``config.allow_partial`` lists the ones that may be skipped).
         """
-        state = self.adapt_state_dict(read_state_dict(source))
-        own = self.backbone.state_dict()
-        for key, value in state.items():
-            if key in own and own[key].shape != value.shape:
-                raise ValueError(
-                    f"{source}: {key!r} has shape {tuple(value.shape)} in the checkpoint but "
-                    f"{tuple(own[key].shape)} in the {self.config.name} backbone"
-                )
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing:
-            raise ValueError(
-                f"{source}: {len(missing)} of {len(own)} backbone tensors are not in the checkpoint "
-                f"(e.g. {missing[:5]}); it has unused keys {unexpected[:5]}: a different model?"
-            )
-        if unexpected:
-            log.warning("%s: %d checkpoint keys unused, e.g. %s", source, len(unexpected), unexpected[:5])
-        self.backbone.load_state_dict({k: state[k] for k in own}, strict=True)
-        log.info("loaded %d backbone tensors from %s", len(own), source)
-        return unexpected
-
-
-def read_state_dict(source: str) -> dict[str, Tensor]:
-    """A backbone state dict from a file: unwrapped from teacher/student/model/state_dict, with
-    ``module.``/``_orig_mod.`` stripped and, where present, only the keys under a ``backbone.``
-    (``backbone.x``, ``engine.backbone.x``) kept, without that prefix."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-        if len(files) != 1:
-            raise ValueError(
-                f"{source}: a folder needs exactly one {WEIGHT_SUFFIXES} file, found {len(files)}"
-            )
-        path = files[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {source}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for foreign pickles
-            raise ValueError(f"{source}: not a loadable state dict ({type(err).__name__}: {err})") from None
-    while isinstance(obj, Mapping):
-        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            break
-        obj = obj[key]
-    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, Mapping) else {}
-    if not state:
-        top = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(
-            f"{source}: no tensors found (top level: {top}); expected a state dict or {WRAPPER_KEYS}"
-        )
-    for prefix in ("module.", "_orig_mod."):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    inner = {_after_backbone(k): v for k, v in state.items() if _after_backbone(k)}
-    return inner or state
-
-
-def _after_backbone(key: str) -> str:
-    """``engine.backbone.blocks.0.x`` (a DINO model wrapping an engine) -> ``blocks.0.x``; else ''."""
-    parts = key.split(".")
-    return ".".join(parts[parts.index("backbone") + 1 :]) if "backbone" in parts[:-1] else ""
+        path = resolve_weights(source)
+        state = self.adapt_state_dict(read_checkpoint(path))
+        load_strict(self.backbone, state, self.config.allow_partial, source=str(path))

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pathray.models.config import EngineConfig
+from pathray.models.presets import get_preset
 from pathray.registry import ENGINES
+from pathray.section import deep_merge
 
 if TYPE_CHECKING:
     from pathray.models.engine import Engine
@@ -29,11 +31,13 @@ class EngineEntry:
         defaults: project settings that come with the engine (tile size and mpp, lr, batch,
             steps), as a partial config tree; what a project sets itself always wins.
         summary: one line for people.
+        takes_preset: the engine builds a ViT that ``engine.preset`` (a foundation preset) can name.
     """
 
     build: Callable[[EngineConfig], Engine]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    takes_preset: bool = False
 
 
 def vit(default_model: str, **model_kwargs: Any) -> Callable[[EngineConfig], Engine]:
@@ -73,7 +77,8 @@ ENGINES.add(
     EngineEntry(
         vit("vit_small_patch16_224"),
         _defaults(224, 0.5, lr=1e-4, layer_decay=0.75, warmup=100, batch=32, steps=3000),
-        "a timm ViT (default ViT-S/16) with a light decoder to a stride-4 dense map",
+        "a timm ViT (ViT-S/16, or engine.preset) with a light decoder to a stride-4 dense map",
+        takes_preset=True,
     ),
 )
 ENGINES.add(
@@ -90,6 +95,7 @@ ENGINES.add(
         vit("vit_tiny_patch16_224", depth=2),
         _defaults(64, 2.0, lr=3e-4, layer_decay=0.9, warmup=5, batch=8, steps=20),
         "two blocks of ViT-Tiny (~1M parameters): for tests and CI",
+        takes_preset=True,
     ),
 )
 ENGINES.add(
@@ -107,6 +113,25 @@ def engine_entry(name: str) -> EngineEntry:
     return ENGINES.get(name)
 
 
+def engine_defaults(name: str, preset: str | None = None) -> dict[str, Any]:
+    """The project defaults of engine ``name``, with a preset's tile size and mpp over them.
+
+    Raises:
+        ValueError: the engine takes no preset (a CNN), naming the ones that do.
+    """
+    entry = engine_entry(name)
+    if preset is None:
+        return dict(entry.defaults)
+    if not entry.takes_preset:
+        takers = [n for n in ENGINES.names() if engine_entry(n).takes_preset]
+        raise ValueError(f"engine {name!r} takes no preset; engines that do: {', '.join(takers)}")
+    p = get_preset(preset)
+    sampler = {"size": p.tile_size, "mpps": [p.mpp]}
+    return deep_merge(entry.defaults, {"data": {"stream": {"sampler": sampler}}})
+
+
 def build_engine(config: EngineConfig) -> Engine:
-    """The engine ``config.name`` names, built from its config."""
-    return engine_entry(config.name).build(config)
+    """The engine ``config.name`` names, built from its config, its fine-tuning mode applied."""
+    engine = engine_entry(config.name).build(config)
+    engine.prepare_training()
+    return engine

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -43,8 +44,14 @@ def _layer(name: str) -> Any:
 
 def timm_kwargs(preset: FoundationPreset) -> dict[str, Any]:
     """The preset's ``model_kwargs`` as ``timm.create_model`` takes them (named layers resolved)."""
-    kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": preset.dynamic_size}
-    for key, value in preset.model_kwargs.items():
+    return {"num_classes": 0, "dynamic_img_size": preset.dynamic_size, **resolve_layers(preset.model_kwargs)}
+
+
+def resolve_layers(model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments with layers named by strings (``mlp_layer: swiglu_packed``,
+    ``act_layer: silu``, ``norm_eps: 1e-12``) turned into the classes timm takes."""
+    kwargs: dict[str, Any] = {}
+    for key, value in model_kwargs.items():
         if key == "norm_eps":
             kwargs["norm_layer"] = partial(nn.LayerNorm, eps=float(value))
         elif key in ("mlp_layer", "act_layer", "norm_layer") and isinstance(value, str):
@@ -52,6 +59,25 @@ def timm_kwargs(preset: FoundationPreset) -> dict[str, Any]:
         else:
             kwargs[key] = value
     return kwargs
+
+
+_RANDOM_EXPECTED: ContextVar[bool] = ContextVar("random_init_expected", default=False)
+
+
+@contextlib.contextmanager
+def random_init_expected() -> Iterator[None]:
+    """Build without the "no weights" warning: the caller loads trained weights right after (a
+    model package, a run's checkpoint)."""
+    token = _RANDOM_EXPECTED.set(True)
+    try:
+        yield
+    finally:
+        _RANDOM_EXPECTED.reset(token)
+
+
+def count_parameters(preset: FoundationPreset | str) -> int:
+    """The preset's parameter count, from its architecture built on the meta device (no memory)."""
+    return sum(p.numel() for p in build_backbone(preset, device="meta").parameters())
 
 
 def build_backbone(
@@ -71,20 +97,20 @@ def build_backbone(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     timm = import_timm()
     kwargs = timm_kwargs(preset)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = timm.create_model(preset.arch, pretrained=False, **kwargs)
     on_meta = torch.device(device or "cpu").type == "meta"
-    if weights is None:
-        if not on_meta:
-            log.warning("foundation preset %r: no weights given, the backbone is random", preset.name)
-        return model
-    if on_meta:
+    if weights is not None and on_meta:
         raise ValueError("weights cannot be loaded into a model on the meta device")
-    if weights.startswith("timm:"):  # pragma: no cover - downloads
-        state = timm.create_model(weights.removeprefix("timm:"), pretrained=True, **kwargs).state_dict()
-    else:
+    if weights is not None and not weights.startswith("timm:"):  # read first: a bad path fails at once
         path = resolve_weights(weights)
         state, weights = read_checkpoint(path), str(path)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = timm.create_model(preset.arch, pretrained=False, **kwargs)
+    if weights is None:
+        if not on_meta and not _RANDOM_EXPECTED.get():
+            log.warning("foundation preset %r: no weights given, the backbone is random", preset.name)
+        return model
+    if weights.startswith("timm:"):  # pragma: no cover - downloads
+        state = timm.create_model(weights.removeprefix("timm:"), pretrained=True, **kwargs).state_dict()
     load_strict(model, to_preset_layout(preset, model, state, weights), allow_partial, source=weights)
     return model
 
@@ -103,24 +129,26 @@ def to_preset_layout(
         )
     entry = LAYOUTS[layout]
     converted = {k: v for k, v in entry.convert(state).items() if not matches_any(k, entry.unused)}
-    posemb, own = converted.get("pos_embed"), getattr(model, "pos_embed", None)
-    if (
-        preset.dynamic_size
-        and posemb is not None
-        and own is not None
-        and posemb.shape != own.shape
-        and posemb.shape[-1] == own.shape[-1]
-    ):
-        timm = import_timm()
-        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
-        converted["pos_embed"] = timm.layers.resample_abs_pos_embed(
-            posemb,
-            new_size=list(model.patch_embed.grid_size),
-            num_prefix_tokens=prefix,
-            antialias=entry.antialias,
-        )
-        log.info("%s: resampled pos_embed %s -> %s", source, tuple(posemb.shape), tuple(own.shape))
+    if preset.dynamic_size:
+        converted = resample_pos_embed(model, converted, entry.antialias, source)
     return converted
+
+
+def resample_pos_embed(
+    model: nn.Module, state: dict[str, Tensor], antialias: bool = True, source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """``state`` with its position embedding resampled to ``model``'s patch grid where the two differ
+    (a checkpoint trained at another image size); anything else unchanged."""
+    posemb, own = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if posemb is None or own is None or posemb.shape == own.shape or posemb.shape[-1] != own.shape[-1]:
+        return state
+    timm = import_timm()
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    resampled = timm.layers.resample_abs_pos_embed(
+        posemb, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, antialias=antialias
+    )
+    log.info("%s: resampled pos_embed %s -> %s", source, tuple(posemb.shape), tuple(own.shape))
+    return {**state, "pos_embed": resampled}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ can write to a model store can at worst serve wrong weights, never run code in a
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -68,11 +69,16 @@ class ModelPackage:
         return self.config.meta
 
     def build(self, device: str = "cpu") -> tuple[TaskModel, TaskSpec]:
-        """The task model with the package's weights and normalisation, in eval mode, and its task."""
+        """The task model with the package's weights and normalisation, in eval mode, and its task.
+
+        A preset's architecture is rebuilt from the recorded engine section (preset, model_kwargs,
+        pooling); the weights are the package's own, never the original checkpoint."""
+        from pathray.models.foundation import random_init_expected
         from pathray.models.task_model import build_model
 
         engine = self.config.engine.model_copy(update={"weights": None})
-        model, task = build_model(engine, self.config.task)
+        with random_init_expected():
+            model, task = build_model(engine, self.config.task)
         model.load_state_dict(self.state, strict=True)
         norm = self.config.normalisation
         model.engine.set_normalization(norm.mean, norm.std)
@@ -87,10 +93,14 @@ def package_config(
     normalisation: dict[str, Any],
     meta: dict[str, Any] | None = None,
 ) -> PackageConfig:
-    """The ``model.yaml`` of a trained model; the engine's own weights source moves to ``meta``."""
-    meta = json.loads(json.dumps({**(meta or {}), "init_weights": engine.weights}, default=float))
+    """The ``model.yaml`` of a trained model; the engine's own weights source and its fine-tuning
+    mode move to ``meta`` (a package is a plain model: LoRA adapters are merged into it)."""
+    finetune = "frozen" if engine.freeze_backbone else engine.finetune
+    trained = {"init_weights": engine.weights, "finetune": finetune}
+    meta = json.loads(json.dumps({**(meta or {}), **trained}, default=float))
+    plain = {"weights": None, "finetune": "full", "freeze_backbone": False, "grad_checkpointing": False}
     return PackageConfig(
-        engine=engine.model_copy(update={"weights": None}),
+        engine=engine.model_copy(update=plain),
         task=task,
         input=InputSection(tile_size=tile_size, mpp=mpp),
         normalisation=Normalisation(mean=normalisation["mean"], std=normalisation["std"]),
@@ -106,8 +116,13 @@ def package_model(
     mpp: float,
     meta: dict[str, Any] | None = None,
 ) -> ModelPackage:
-    """A built task model as a package: its weights, and its normalisation read from its engine."""
+    """A built task model as a package: its weights (LoRA adapters merged into a copy: a plain timm
+    state dict), and its normalisation read from its engine."""
+    from pathray.models.finetune import has_lora, merge_lora
+
     config = package_config(engine, task, tile_size, mpp, model.engine.data_config, meta)
+    if has_lora(model):
+        model = merge_lora(copy.deepcopy(model))
     return ModelPackage(config, model.state_dict())
 
 

@@ -39,6 +39,10 @@ class WeightsError(ValueError):
     """Weights that cannot be found, read, or that do not fit the model (names the keys)."""
 
 
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """No weights where the source points."""
+
+
 def resolve_weights(source: str | os.PathLike[str], repo_id: str | None = None) -> Path:
     """The weights file (or shard index) that ``source`` names.
 
@@ -56,7 +60,7 @@ def resolve_weights(source: str | os.PathLike[str], repo_id: str | None = None) 
     if repo_id:
         path = path / ("models--" + repo_id.replace("/", "--"))
     if not path.exists():
-        raise WeightsError(f"weights not found: {path}")
+        raise WeightsNotFoundError(f"weights not found: {path}")
     if path.is_dir() and (path / "snapshots").is_dir():
         path = newest_snapshot(path)
     return _pick_file(path) if path.is_dir() else path
@@ -103,7 +107,9 @@ def _download(repo_id: str) -> Path:  # pragma: no cover - needs the network
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The tensors in a weights file or shard index, unwrapped (``teacher``, ``model``,
-    ``state_dict``, ...) and with prefixes every key shares (``module.``, ``backbone.``, ...) removed."""
+    ``state_dict``, ...), with prefixes every key shares (``module.``, ``backbone.``, ...) removed and,
+    where a backbone sits beside other modules (a DINO head, a task head, a decoder), only the
+    backbone's keys: pathray's own run checkpoints load like any published one."""
     path = Path(path)
     if path.name.endswith(".index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
@@ -112,12 +118,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             state.update(_read_file(path.parent / shard))
     else:
         state = _read_file(path)
-    return strip_prefixes(state, source=str(path))
+    return backbone_only(strip_prefixes(state, source=str(path)))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -149,6 +155,17 @@ def strip_prefixes(state: Mapping[str, Any], source: str = "checkpoint") -> dict
                 tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
                 changed = True
     return tensors
+
+
+def backbone_only(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``engine.backbone.blocks.0.x`` -> ``blocks.0.x`` for the keys under a ``backbone`` module, the
+    others (heads, decoders) dropped; a state without one is returned as it is."""
+    inner = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "backbone" in parts[:-1]:
+            inner[".".join(parts[parts.index("backbone") + 1 :])] = value
+    return inner or state
 
 
 def matches_any(key: str, patterns: Iterable[str]) -> bool:
