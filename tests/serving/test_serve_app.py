@@ -88,6 +88,10 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
     # weights without their model.yaml: not a package
     object_store.upload_file(slides / "broken.svs", f"{models}/not-a-model/weights.safetensors")
     save_package(root / "models" / "seg", meta={"run": "test"})
+    # 128 px at 0.5 µm/px: reads level 1 of a synthetic slide, while masks and thumbnails use level 2
+    save_package(
+        root / "models" / "seg-fine", "data.stream.sampler.size=128", "data.stream.sampler.mpps=[0.5]"
+    )
     save_package(root / "models" / "seg-vit" / "model", "engine.name=debug_vit")  # a training run's layout
     (root / "models" / "seg-vit" / "checkpoints").mkdir()
     (root / "models" / "seg-vit" / "checkpoints" / "step-1.pt").write_bytes(b"x")
@@ -96,7 +100,7 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
         {
             # short storage deadlines: the endpoint-killed test fails in seconds, not a minute
             "storage": s3_storage.model_dump() | {"read_timeout_s": 2, "retries": 3, "deadline_s": 6},
-            "inference": {"chunk_tiles": 4, "read_threads": 2, "batch_size": 16},
+            "inference": {"chunk_tiles": 4, "read_threads": 2, "batch_size": 16, "max_failed_share": 0.25},
             "serve": {
                 "models": models,
                 "output": output,
@@ -156,13 +160,13 @@ def test_health_and_docs_are_open_but_v1_needs_the_token(service):
 
 def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
     models = service.client.get("/v1/models").json()["models"]
-    assert [m["id"] for m in models] == ["seg", "seg-vit"]
+    assert [m["id"] for m in models] == ["seg", "seg-fine", "seg-vit"]
     assert models[0]["task"] == "segmentation" and models[0]["engine"] == "debug_cnn"
-    assert models[1]["engine"] == "debug_vit"  # served from a run folder's model/ package
+    assert models[2]["engine"] == "debug_vit"  # served from a run folder's model/ package
     for model in ("nope", "../seg", "not-a-model"):
         r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": model})
         assert r.status_code == 404
-        assert r.json()["detail"]["known"] == ["seg", "seg-vit"]
+        assert r.json()["detail"]["known"] == ["seg", "seg-fine", "seg-vit"]
 
 
 def _fifo(path: Path) -> Path:
@@ -342,6 +346,95 @@ def test_an_endpoint_killed_mid_analysis_fails_it_cleanly_and_the_next_one_runs(
     again = service.wait(service.post({"slide": slide, "model": "seg"}).json()["id"])
     assert again["status"] == "done", again
     assert again["progress"]["done_tiles"] == again["progress"]["total_tiles"]
+
+
+def test_a_slide_without_mpp_is_analysed_with_the_request_mpp_and_refused_without(
+    service, testdata, tmp_path
+):
+    import shutil
+
+    from pathray.serving.client import analyze_remote
+
+    slide = service.slides / "tcga.svs"  # no mpp in its metadata, as is common in TCGA
+    shutil.copyfile(testdata / "aperio" / "tcga-cr-7395-01a-01-ts1.svs", slide)
+    doc = service.wait(service.post({"slide": str(slide), "model": "seg"}).json()["id"])
+    assert doc["status"] == "failed" and doc["mpp"] is None, doc
+    assert doc["reason"].startswith(f"SlideReadError: cannot read {slide}: the slide has no usable mpp"), doc
+    assert '"mpp": 0.25 in the request body' in doc["reason"]
+    summary = analyze_remote(service.url, str(slide), "seg", tmp_path, TOKEN, mpp=0.5)
+    assert summary["slide_mpp"] == 0.5 and summary["tiles"] > 10 and summary["tiles_done"] == summary["tiles"]
+    assert service.client.get(f"/v1/analyses/{summary['id']}").json()["mpp"] == 0.5
+    assert sum(summary["areas_mm2"].values()) > 0
+    for mpp in (0, -0.25, 352.8, "abc", None):
+        body = {"slide": str(slide), "model": "seg", "mpp": mpp}
+        if mpp is None:
+            continue  # null is "the slide's own": covered above
+        r = service.post(body)
+        assert r.status_code == 422, (mpp, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", "mpp"], r.text
+
+
+def _corrupt(path: Path, level: int, indices: list[int]) -> None:
+    """Overwrite the start of JPEG tiles ``indices`` of ``level``: they no longer decode."""
+    from tiffslide import TiffSlide
+
+    offsets = TiffSlide(path).ts_tifffile.series[0].levels[level].keyframe.dataoffsets
+    with open(path, "r+b") as fh:
+        for i in indices:
+            fh.seek(offsets[i])
+            fh.write(b"\x00" * 64)
+
+
+def test_undecodable_tiles_are_counted_and_marked_and_too_many_fail_the_analysis(service):
+    """A few broken JPEG tiles: the analysis finishes and lists exactly the tiles the in-process
+    analysis lists (summary.json, progress, hatched overlay); every other tile broken: it fails,
+    naming the slide, the count and the share."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from pathray.inference.analyze import analyze_slide
+    from pathray.inference.config import InferenceConfig
+    from pathray.inference.outputs import FAILED_COLOR
+    from pathray.inference.predictor import Predictor
+
+    damaged, wrecked = service.slides / "damaged.svs", service.slides / "wrecked.svs"
+    shutil.copyfile(service.slides / "slide_000.svs", damaged)
+    shutil.copyfile(service.slides / "slide_000.svs", wrecked)
+    from tiffslide import TiffSlide
+
+    page = TiffSlide(damaged).ts_tifffile.series[0].levels[1].keyframe
+    per_row = -(-page.imagewidth // page.tilewidth)
+    _corrupt(damaged, 1, [per_row * 3 + 3, per_row * 4 + 5])  # two tiles inside the synthetic tissue
+    _corrupt(wrecked, 1, list(range(0, len(page.dataoffsets), 2)))
+    local = Predictor.from_package(
+        str(service.root / "models" / "seg-fine"), config=InferenceConfig(max_failed_share=1)
+    )
+    expected = {tuple(xy) for xy in analyze_slide(str(damaged), local).failed_tiles}
+    assert expected
+
+    doc = service.wait(service.post({"slide": str(damaged), "model": "seg-fine"}).json()["id"])
+    assert doc["status"] == "done", doc
+    assert doc["progress"]["failed_tiles"] == len(expected)
+    assert doc["progress"]["done_tiles"] == doc["progress"]["total_tiles"]
+    summary = service.client.get(doc["links"]["summary.json"]).json()
+    assert summary["tiles_failed"] == len(expected) < 0.25 * summary["tiles"]
+    assert {tuple(xy) for xy in summary["failed_tiles"]["xy"]} == expected
+    assert "does not decode" in summary["failed_tiles"]["cause"]
+    overlay = np.asarray(Image.open(io.BytesIO(service.client.get(doc["links"]["overlay.png"]).content)))
+    assert (overlay[..., :3] == FAILED_COLOR).all(axis=-1).sum() > 10
+
+    doc = service.wait(service.post({"slide": str(wrecked), "model": "seg-fine"}).json()["id"])
+    assert doc["status"] == "failed", doc
+    reason = doc["reason"]
+    assert reason.startswith(f"TilesLostError: cannot read {wrecked}: "), reason
+    assert (
+        "tiles (" in reason and "could not be decoded, more than inference.max_failed_share (25 %)" in reason
+    )
+    lost, total = (int(v) for v in reason.split(": ")[2].split(" tiles")[0].split(" of "))
+    assert lost / total > 0.25 and total == doc["progress"]["total_tiles"]
+    assert service.client.get(f"/v1/analyses/{doc['id']}/summary.json").status_code == 409
 
 
 # -- scaling and faults ------------------------------------------------------------------------

@@ -1,64 +1,36 @@
-"""Slide manifests (one row per slide) and slide-level stratified splits; pure pandas, no Ray."""
+"""Slide manifests (one row per slide): read, check, write, synthesise; pure pandas, no Ray."""
 
 from __future__ import annotations
 
-import zlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
+from pathray.datasets.splits import (  # noqa: F401 - re-exported: callers import them from here
+    DEFAULT_FRACTIONS,
+    assign_fractions,
+    select_fraction,
+    stratified_split,
+    training_subset,
+)
 from pathray.storage import join_uri
 
 if TYPE_CHECKING:
     from pathray.wsi.synth import SyntheticSlide
 
 MANIFEST_COLUMNS = ("slide_id", "uri", "split", "cohort", "label", "annotations_uri")
-DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.6, "val": 0.2, "test": 0.2}
 
 
-def stratified_split(
-    labels: Sequence[str], fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0
-) -> list[str]:
-    """Assign each slide a split so every label is spread over the splits in ``fractions``.
-
-    Splits are made per slide, never per tile, so no slide leaks between train and test.
-    Each label is shuffled by a Generator seeded from (seed, label), so adding slides of one
-    label never reshuffles another. Counts come from largest remainders; ties go to the split
-    furthest below its overall share, so small labels do not all round towards the same split.
-    A label with two or more slides always has one in ``train``.
-    """
-    if not fractions or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
-        raise ValueError(f"fractions must be non-negative with a positive sum, got {dict(fractions)}")
-    names = list(fractions)
-    share = np.array([fractions[n] for n in names], float)
-    share /= share.sum()
-    out = [""] * len(labels)
-    assigned = np.zeros(len(names))
-    seen = 0
-    for label in sorted(set(labels)):
-        index = np.array([i for i, lab in enumerate(labels) if lab == label])
-        rng = np.random.default_rng([seed, zlib.crc32(str(label).encode())])
-        index = index[rng.permutation(len(index))]
-        exact = share * len(index)
-        counts = np.floor(exact).astype(int)
-        seen += len(index)
-        deficit = share * seen - assigned - counts
-        order = sorted(range(len(names)), key=lambda k: (-round(exact[k] - counts[k], 9), -deficit[k], k))
-        for k in order[: len(index) - counts.sum()]:
-            counts[k] += 1
-        if "train" in names and share[names.index("train")] > 0 and len(index) >= 2:
-            t = names.index("train")
-            if counts[t] == 0:
-                counts[int(np.argmax(counts))] -= 1
-                counts[t] = 1
-        assigned += counts
-        for name, part in zip(names, np.split(index, np.cumsum(counts)[:-1]), strict=True):
-            for i in part:
-                out[i] = name
-    return out
+def manifest_mpp(value: Any) -> float | None:
+    """A manifest's ``mpp`` cell as a level-0 µm/px override: None when empty, unparsable or not > 0."""
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
 def write_manifest(rows: pd.DataFrame | Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -79,6 +51,25 @@ def write_manifest(rows: pd.DataFrame | Sequence[Mapping[str, Any]], path: Path)
     else:
         frame.to_csv(path, index=False)
     return path
+
+
+def save_manifest(frame: pd.DataFrame, uri: str | Path, storage: Any = None) -> str:
+    """Write a manifest as Parquet or CSV (by suffix) to a path or any storage URI, as one object."""
+    import io
+
+    from pathray.storage import write_bytes
+
+    text = str(uri)
+    suffix = Path(text.split("?")[0]).suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ManifestError(text, [f"a manifest ends in .parquet or .csv, not {suffix or 'no suffix'!r}"])
+    if suffix == ".parquet":
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        data = buffer.getvalue()
+    else:
+        data = frame.to_csv(index=False).encode()
+    return write_bytes(text, data, storage)
 
 
 def synthetic_manifest(
@@ -203,66 +194,6 @@ def _unreachable(frame: pd.DataFrame, storage: Any, workers: int) -> list[str]:
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return [p for p in pool.map(check, checks) if p]
-
-
-TRAINING_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-
-
-def assign_fractions(
-    frame: pd.DataFrame,
-    fractions: Sequence[float] = TRAINING_FRACTIONS,
-    seed: int = 0,
-    stratify: str = "label",
-    split: str | None = "train",
-) -> pd.DataFrame:
-    """Add ``fraction``: the smallest training fraction whose subset holds the slide.
-
-    Subsets are nested (the 10 % subset lies inside the 25 % one, and so on) and stratified:
-    each label is ordered once by a seeded shuffle and every fraction takes its first
-    ``ceil(f * n)`` slides, at least one. Slides outside ``split`` get NaN.
-    """
-    fracs = sorted(float(f) for f in fractions)
-    if not fracs or fracs[0] <= 0 or fracs[-1] > 1:
-        raise ValueError(f"fractions must lie in (0, 1], got {list(fractions)}")
-    out = frame.copy()
-    out["fraction"] = np.nan
-    pool = out if split is None else out[out["split"] == split]
-    labels = pool[stratify].astype(str) if stratify in pool.columns else pd.Series("", index=pool.index)
-    for label in sorted(set(labels)):
-        index = pool.index[labels == label].to_numpy()
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
-        index = index[rng.permutation(len(index))]
-        for rank, row in enumerate(index):
-            for f in fracs:
-                if rank < max(1, int(np.ceil(f * len(index) - 1e-9))):
-                    out.loc[row, "fraction"] = f
-                    break
-    return out
-
-
-def training_subset(
-    frame: pd.DataFrame, fraction: float, split: str | None = "train", seed: int = 0
-) -> pd.DataFrame:
-    """The manifest with only the ``fraction`` subset of its ``split`` slides; other splits stay whole.
-
-    A manifest without a ``fraction`` column gets the standard nested fractions (and ``fraction``
-    itself) assigned first, seeded, so 10 % runs see a subset of what 25 % runs see.
-    """
-    if fraction >= 1.0:
-        return frame
-    if "fraction" not in frame.columns or frame["fraction"].isna().all():
-        frame = assign_fractions(frame, sorted({*TRAINING_FRACTIONS, fraction}), seed=seed, split=split)
-    outside = frame if split is None else frame[frame["split"] != split]
-    inside = frame if split is None else frame[frame["split"] == split]
-    keep = inside[inside["fraction"] <= fraction + 1e-9]
-    return pd.concat([keep, outside.drop(index=keep.index, errors="ignore")]).sort_index()
-
-
-def select_fraction(frame: pd.DataFrame, fraction: float) -> pd.DataFrame:
-    """The slides of the ``fraction`` subset (needs ``assign_fractions`` first)."""
-    if "fraction" not in frame.columns:
-        raise ValueError("the manifest has no 'fraction' column; call assign_fractions first")
-    return frame[frame["fraction"] <= fraction + 1e-9]
 
 
 def write_synthetic_dataset(

@@ -22,6 +22,7 @@ import pandas as pd
 
 from pathray.datasets.augment import augment, multicrop
 from pathray.datasets.config import StreamConfig
+from pathray.datasets.manifest import manifest_mpp
 from pathray.models.tasks import TaskSpec
 from pathray.registry import SAMPLERS
 from pathray.storage import StorageConfig, StorageError, StorageUnavailableError, redact
@@ -31,14 +32,6 @@ from pathray.wsi.patching import SlideRegions, TissueConfig, build_sampler, rng_
 
 if TYPE_CHECKING:
     from pathray.datasets.faults import FaultLedger
-
-
-def _mpp_override(value: Any) -> float | None:
-    try:
-        mpp = float(value)
-    except (TypeError, ValueError):
-        return None
-    return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
 def slide_rows(
@@ -65,7 +58,7 @@ def slide_rows(
                 "slide_id": str(row["slide_id"]),
                 "uri": str(row["uri"]),
                 "annotations_uri": str(annotations) if isinstance(annotations, str) else "",
-                "mpp_override": _mpp_override(row.get("mpp")) or 0.0,
+                "mpp_override": manifest_mpp(row.get("mpp")) or 0.0,
             }
         )
     return [{**slide, "chunk": c, "epoch": e} for e in epochs for c in chunks for slide in slides]

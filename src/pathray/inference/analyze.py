@@ -25,15 +25,20 @@ def analyze_slide(
     storage: StorageConfig | None = None,
     tissue: TissueConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mpp: float | None = None,
 ) -> AnalysisResult:
     """Analyse one slide with ``predictor`` (Ray-free); ``progress(tiles_done, tiles_total)`` after
-    every chunk.
+    every chunk. ``mpp`` overrides the slide's level-0 µm/px (needed when its file has none).
+
+    Tiles that cannot be decoded are left out, counted and listed in the result; the analysis
+    fails when they are more than ``inference.max_failed_share`` of the slide's tiles.
 
     Raises:
-        SlideError: the slide cannot be opened or read (the message names the URI).
+        SlideError: the slide cannot be opened or read (the message names the URI); a
+            ``TilesLostError`` when too many tiles could not be decoded.
     """
     t0 = time.perf_counter()
-    slide = open_slide(uri, storage)
+    slide = open_slide(uri, storage, mpp=mpp)
     slide.check()
     plan = plan_grid(slide, predictor.spec, predictor.config, tissue)
     planned = time.perf_counter() - t0
@@ -42,8 +47,9 @@ def analyze_slide(
         progress(0, plan.n_tiles)
     for result in predictor.iter_chunks(slide, plan, plan.chunks(predictor.config.chunk_tiles)):
         stitcher.add(result)
+        stitcher.check_failed(predictor.config.max_failed_share)  # lost tiles only grow: fail early
         if progress:
             progress(stitcher.done_tiles, plan.n_tiles)
-    out = stitcher.finish()
+    out = stitcher.finish(predictor.config.max_failed_share)
     out.timings = {"plan_s": planned, **out.timings, "total_s": time.perf_counter() - t0}
     return out

@@ -33,3 +33,10 @@ class InferenceConfig(Section):
         description="CPU: torch intra-op threads, set process-wide when the predictor is built; 0: as is",
     )
     read_batch: int = Field(16, ge=1, description="tiles per read_batch call of one reader thread")
+    max_failed_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="share of a slide's tiles that may be undecodable (counted, marked, left out) "
+        "before its analysis fails",
+    )

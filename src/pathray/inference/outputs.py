@@ -16,6 +16,8 @@ from pathray.wsi.backends.slide import Slide
 NO_DATA = 255
 """Class-map value of pixels that were not analysed (no tissue tile covers them)."""
 OUTPUT_FILES = ("overlay.png", "mask.png", "annotations.geojson", "summary.json")
+FAILED_COLOR = (255, 0, 255)
+"""Overlay hatching over tiles that could not be decoded (a colour no class uses)."""
 
 
 def class_areas_mm2(class_map: np.ndarray, classes: list[str], out_mpp: float) -> dict[str, float]:
@@ -46,16 +48,24 @@ class AnalysisResult:
     min_region_um2: float = 2500.0
     timings: dict[str, float] = field(default_factory=dict)
     point_map: np.ndarray | None = None
+    failed_tiles: list[list[int]] = field(default_factory=list)  # level-0 (x, y) of undecodable tiles
+    failed_cause: str = ""
+    tile_extent: int = 0  # level-0 px a tile covers
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able: slide, model, tiles, areas_mm2, gleason, counts, timings."""
+        """JSON-able: slide, model, tiles (failed ones listed by level-0 corner), areas_mm2, gleason,
+        counts, timings."""
         return {
             "slide": self.slide,
             "model": self.model,
             "task": self.task,
             "tiles": self.tiles,
             "tiles_done": self.tiles_done,
+            "tiles_failed": len(self.failed_tiles),
+            "failed_share": round(len(self.failed_tiles) / self.tiles, 6) if self.tiles else 0.0,
+            "failed_tiles": {"extent": self.tile_extent, "xy": self.failed_tiles, "cause": self.failed_cause},
             "out_mpp": self.out_mpp,
+            "slide_mpp": self.slide_mpp,
             "areas_mm2": {k: round(v, 6) for k, v in self.areas_mm2.items()},
             "gleason": self.gleason,
             "counts": self.counts,
@@ -110,6 +120,7 @@ class AnalysisResult:
                 sel = base == i
                 if name != "Background" and sel.any():
                     out[sel] = (1 - alpha) * out[sel] + alpha * np.asarray(class_color(name, i), np.float32)
+        self._hatch_failed(out)
         if self.points:  # detections, or instance centroids over the foreground tint
             d = self.out_mpp / self.slide_mpp
             for p in self.points:
@@ -118,6 +129,33 @@ class AnalysisResult:
                     k = self.point_classes.index(p["class"]) if p["class"] in self.point_classes else 0
                     out[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2] = class_color(p["class"], k)
         return out.clip(0, 255).astype(np.uint8)
+
+    def _hatch_failed(self, out: np.ndarray, period: int = 4) -> None:
+        """Diagonal ``FAILED_COLOR`` stripes over every tile that could not be decoded."""
+        if not self.failed_tiles:
+            return
+        d = self.out_mpp / self.slide_mpp
+        rows, cols = out.shape[:2]
+        stripes = (np.add.outer(np.arange(rows), np.arange(cols)) % period) == 0
+        for x, y in self.failed_tiles:
+            r0, c0 = max(0, int(y / d)), max(0, int(x / d))
+            r1 = min(rows, int(np.ceil((y + self.tile_extent) / d)))
+            c1 = min(cols, int(np.ceil((x + self.tile_extent) / d)))
+            out[r0:r1, c0:c1][stripes[r0:r1, c0:c1]] = FAILED_COLOR
+
+
+def _thumbnail(slide: Slide, mpp: float) -> np.ndarray | None:
+    """The overlay's background, or None (white) when its pixels cannot be decoded; storage that is
+    down still fails (``SlideUnavailableError``)."""
+    from pathray.storage import StorageUnavailableError
+    from pathray.wsi.backends.errors import SlideError
+
+    try:
+        return slide.thumbnail(mpp=mpp)
+    except StorageUnavailableError:
+        raise
+    except SlideError:
+        return None
 
 
 def _feature(geometry: dict[str, Any], name: str, i: int, object_type: str) -> dict[str, Any]:
@@ -148,7 +186,7 @@ def write_outputs(
     """
     thumb = None
     if slide is not None and slide.mpp is not None:
-        thumb = slide.thumbnail(mpp=max(result.out_mpp, slide.mpp))
+        thumb = _thumbnail(slide, max(result.out_mpp, slide.mpp))
     mask = result.mask_image()
     blobs = {
         "overlay.png": _png(result.overlay_image(thumb)),

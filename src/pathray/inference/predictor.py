@@ -115,11 +115,15 @@ class Predictor:
         chunks: Iterable[Chunk],
         storage: StorageConfig | None = None,
     ) -> Iterator[ChunkResult]:
-        """Chunk results in order, while reader threads read ahead (also across chunk borders)."""
+        """Chunk results in order, while reader threads read ahead (also across chunk borders).
+
+        A slide given by URI is opened at the plan's mpp (a slide without mpp metadata was planned
+        with an override; a replica reading its tiles needs the same one).
+        """
         if isinstance(slide, str):
             from pathray.wsi.backends.open import open_slide
 
-            slide = open_slide(slide, storage)
+            slide = open_slide(slide, storage, mpp=plan.slide_mpp)
         chunks = list(chunks)
         workers = max(1, min(self.config.compute_threads, len(chunks)))
         cuda = self.device.type == "cuda"
@@ -155,18 +159,30 @@ class Predictor:
         parts: list[Any] = []
         points: list[np.ndarray] = []
         done = 0
-        for batch, waited in reader.batches(chunk.index):  # whole batches, already in their buffer
+        keep = np.ones(len(chunk), bool)  # tiles that were decoded
+        causes: list[str] = []
+        for batch, waited, failed in reader.batches(chunk.index):  # whole batches, in their buffer
             wait += waited
             t1 = time.perf_counter()
-            xs, ys = chunk.xs[done : done + len(batch)], chunk.ys[done : done + len(batch)]
-            outputs = self._forward(batch)
-            if self.spec.has_map:
-                parts.append(window_means(self._probs(outputs), plan, xs, ys))
-            if self.spec.has_points:
-                points.append(self._level0_points(plan, self._points(outputs), xs, ys))
+            ok = np.ones(len(batch), bool)
+            for row, cause in failed:  # undecodable tiles: predicted with the rest, then dropped
+                ok[row] = False
+                causes.append(cause)
+            keep[done : done + len(batch)] = ok
+            xs, ys = chunk.xs[done : done + len(batch)][ok], chunk.ys[done : done + len(batch)][ok]
+            outputs = self._forward(batch) if ok.any() else None
+            if outputs is not None and self.spec.has_map:
+                probs = self._probs(outputs)
+                probs = probs if ok.all() else probs[torch.from_numpy(ok).to(probs.device)]
+                parts.append(window_means(probs, plan, xs, ys))
+            if outputs is not None and self.spec.has_points:
+                found = [p for p, k in zip(self._points(outputs), ok, strict=True) if k]
+                points.append(self._level0_points(plan, found, xs, ys))
             done += len(batch)
             predict += time.perf_counter() - t1
-        result = self._assemble(plan, chunk, parts, points)
+        result = self._assemble(plan, chunk, parts, points, keep)
+        result.failed = np.column_stack([chunk.xs[~keep], chunk.ys[~keep]]).astype(np.int64)
+        result.failed_cause = causes[0] if causes else ""
         result.timings = {"read_wait_s": wait, "predict_s": predict, "total_s": time.perf_counter() - t0}
         return result
 
@@ -186,16 +202,19 @@ class Predictor:
         return np.column_stack([lvl0, keys])[keep]
 
     def _assemble(
-        self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray]
+        self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray], keep: np.ndarray
     ) -> ChunkResult:
         n = len(chunk)
         pts = (np.concatenate(points) if points else np.zeros((0, 5))) if self.spec.has_points else None
         if not self.spec.has_map:
-            rows, cols, _ = map_windows(plan, chunk.xs, chunk.ys)
-            hs, ws = window_counts(plan, chunk.ys, rows), window_counts(plan, chunk.xs, cols)
+            xs, ys = chunk.xs[keep], chunk.ys[keep]
+            rows, cols, _ = map_windows(plan, xs, ys)
+            hs, ws = window_counts(plan, ys, rows), window_counts(plan, xs, cols)
             return ChunkResult(chunk.index, n, rows, cols, hs, ws, points=pts)
         k = max(int(p[0].shape[-1]) for p in parts) if parts else 1
         probs = [torch.nn.functional.pad(p[0], (0, k - p[0].shape[-1], 0, k - p[0].shape[-2])) for p in parts]
         cat = torch.cat(probs).to(torch.float16).cpu().numpy() if probs else None
-        rows, cols, hs, ws = (np.concatenate([p[i] for p in parts]) for i in range(1, 5))
+        rows, cols, hs, ws = (
+            np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64) for i in range(1, 5)
+        )
         return ChunkResult(chunk.index, n, rows, cols, hs, ws, probs=cat, points=pts)

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from pathray.inference.grid import Chunk, GridPlan
+from pathray.storage import StorageUnavailableError
+from pathray.wsi.backends.errors import SlideError
 from pathray.wsi.backends.slide import Slide
+
+FILL = 255
+"""Pixel value of a tile that could not be decoded (its predictions are dropped, never stitched)."""
 
 
 class BatchBuffers:
@@ -47,11 +52,15 @@ class BatchBuffers:
 class _Batch:
     buffer: torch.Tensor
     n: int
-    parts: list[Future[None]]
+    parts: list[tuple[int, Future[list[tuple[int, str]]]]]  # (first row, its undecodable rows)
 
     @property
     def tiles(self) -> torch.Tensor:
         return self.buffer[: self.n]
+
+    def failed(self) -> list[tuple[int, str]]:
+        """``(row, cause)`` of the tiles that could not be decoded; waits for the parts."""
+        return [(start + k, cause) for start, part in self.parts for k, cause in part.result()]
 
 
 class TileReader:
@@ -89,19 +98,45 @@ class TileReader:
         self.inflight = 0
         self.lock = threading.Lock()
 
-    def _read(self, out: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> None:
+    def _read(self, out: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> list[tuple[int, str]]:
+        """Read tiles into ``out``; returns ``(row, cause)`` of those not decoded (filled with ``FILL``).
+
+        A batch that fails is read again tile by tile, so one bad JPEG tile costs itself only.
+        Storage that is down (``SlideUnavailableError``) is not a bad tile: it fails the read.
+        """
         coords = [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
-        tiles = self.slide.read_batch(coords, self.plan.tile_size, self.plan.tile_mpp)
-        for row, tile in zip(out, tiles, strict=True):
-            row[...] = tile
+        size, mpp = self.plan.tile_size, self.plan.tile_mpp
+        try:
+            tiles = self.slide.read_batch(coords, size, mpp)
+        except StorageUnavailableError:
+            raise
+        except SlideError:
+            tiles = None
+        if tiles is not None:
+            for row, tile in zip(out, tiles, strict=True):
+                row[...] = tile
+            return []
+        failed = []
+        for k, (x, y) in enumerate(coords):
+            try:
+                out[k] = self.slide.read(x, y, size, mpp)
+            except StorageUnavailableError:
+                raise
+            except SlideError as exc:
+                out[k] = FILL
+                failed.append((k, exc.cause))
+        return failed
 
     def _submit(self, pos: int, chunk: Chunk, start: int, n: int) -> None:
         buffer = self.buffers.get()
         pixels = buffer.numpy()
         spans = [(s, min(n, s + self.read_batch)) for s in range(0, n, self.read_batch)]
         parts = [
-            self.pool.submit(
-                self._read, pixels[a:b], chunk.xs[start + a : start + b], chunk.ys[start + a : start + b]
+            (
+                a,
+                self.pool.submit(
+                    self._read, pixels[a:b], chunk.xs[start + a : start + b], chunk.ys[start + a : start + b]
+                ),
             )
             for a, b in spans
         ]
@@ -114,8 +149,9 @@ class TileReader:
             while self.todo and (self.inflight < self.lookahead or self.todo[0][0] <= through):
                 self._submit(*self.todo.popleft())
 
-    def batches(self, chunk_index: int) -> Iterator[tuple[torch.Tensor, float]]:
-        """``(uint8 (n, S, S, 3) tiles, seconds waited for them)`` of chunk ``chunk_index``, in grid order.
+    def batches(self, chunk_index: int) -> Iterator[tuple[torch.Tensor, float, list[tuple[int, str]]]]:
+        """``(uint8 (n, S, S, 3) tiles, seconds waited, (row, cause) not decoded)`` of chunk
+        ``chunk_index``, in grid order.
 
         A batch's buffer is reused once the consumer asks for the next one: use it (or copy it) first.
         """
@@ -130,8 +166,7 @@ class TileReader:
                     break
                 batch = queue.popleft()
             t0 = time.perf_counter()
-            for part in batch.parts:
-                part.result()
+            failed = batch.failed()
             waited = time.perf_counter() - t0
             with self.lock:
                 self.inflight -= len(batch.parts)
@@ -139,7 +174,7 @@ class TileReader:
             if previous is not None:
                 self.buffers.put(previous)
             previous = batch.buffer
-            yield batch.tiles, waited
+            yield batch.tiles, waited, failed
         if previous is not None:
             self.buffers.put(previous)
 
@@ -147,7 +182,7 @@ class TileReader:
         with self.lock:
             for queue in self.queued.values():
                 for batch in queue:
-                    for part in batch.parts:
+                    for _, part in batch.parts:
                         part.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 

@@ -34,6 +34,9 @@ class ChunkResult:
     each class-map pixel whose centre lies in the tile, starting at map pixel ``(rows[i], cols[i])``;
     a ``(N, C, 1, 1)`` array (classification) paints the whole window. ``points`` are detections
     ``(x, y, class, score)`` in level-0 px that this chunk's tiles own (nearest tile centre).
+    ``n_tiles`` counts every tile of the chunk; the per-tile arrays hold only the decoded ones.
+    ``failed`` are the level-0 ``(x, y)`` corners of tiles that could not be decoded (one
+    ``failed_cause`` for people); nothing of theirs is stitched.
     """
 
     index: int
@@ -45,6 +48,8 @@ class ChunkResult:
     probs: np.ndarray | None = None
     points: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    failed: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    failed_cause: str = ""
 
     @property
     def nbytes(self) -> int:

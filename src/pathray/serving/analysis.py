@@ -23,6 +23,7 @@ class Progress(BaseModel):
     chunks_done: int
     chunks_total: int | None
     retries: int
+    failed_tiles: int = 0
 
 
 class AnalysisStatus(BaseModel):
@@ -33,6 +34,7 @@ class AnalysisStatus(BaseModel):
     reason: str | None
     slide: str
     model: str
+    mpp: float | None = None
     progress: Progress
     timings: dict[str, float]
     links: dict[str, str]
@@ -49,6 +51,7 @@ class Analysis:
     model: str
     outputs: list[str]
     uri: str = ""  # the checked URI that is opened (for local files: the resolved path)
+    mpp: float | None = None  # level-0 µm/px the request gave (overrides the slide's metadata)
     state: str = "queued"
     reason: str | None = None
     done_tiles: int = 0
@@ -56,6 +59,7 @@ class Analysis:
     chunks_done: int = 0
     chunks_total: int | None = None
     retries: int = 0
+    failed_tiles: int = 0
     created: float = field(default_factory=time.time)
     heartbeat: float = field(default_factory=time.time)
     saves: int = 0  # status.json versions made; a late write of an older one is skipped
@@ -74,12 +78,14 @@ class Analysis:
             "reason": self.reason,
             "slide": self.slide,
             "model": self.model,
+            "mpp": self.mpp,
             "progress": {
                 "done_tiles": self.done_tiles,
                 "total_tiles": self.total_tiles,
                 "chunks_done": self.chunks_done,
                 "chunks_total": self.chunks_total,
                 "retries": self.retries,
+                "failed_tiles": self.failed_tiles,
             },
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "links": links,

@@ -16,6 +16,7 @@ from pathray.serving.config import ServeAppConfig
 from pathray.serving.security import UriRejected, check_slide_uri, is_safe_id, token_matches
 from pathray.serving.service import AnalysisService
 from pathray.serving.store import ModelStore
+from pathray.wsi.backends.levels import MAX_PLAUSIBLE_MPP
 
 MEDIA_TYPES = {".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
 
@@ -28,6 +29,12 @@ class AnalysisRequest(BaseModel):
     slide: str = Field(..., max_length=2048, description="slide URI under an allowed prefix")
     model: str = Field(..., max_length=128, description="model id (GET /v1/models)")
     outputs: list[str] | None = Field(None, description=f"files to produce; default all of {OUTPUT_FILES}")
+    mpp: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_PLAUSIBLE_MPP,
+        description="level-0 µm/px of the slide, overriding its metadata (for slides that have none)",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -127,7 +134,7 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
             raise HTTPException(
                 429, "too many analyses queued; try again later", headers={"Retry-After": "30"}
             )
-        analysis = service.submit(body.slide, uri, body.model, outputs)
+        analysis = service.submit(body.slide, uri, body.model, outputs, mpp=body.mpp)
         doc = analysis.doc()
         return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})
 

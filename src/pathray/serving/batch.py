@@ -3,8 +3,9 @@
     pathray analyze --manifest slides.parquet --model runs/gleason/model --out results/
 
 Each actor loads the model package once and analyses whole slides with the Ray-free
-``analyze_slide`` (its own reader threads); a slide that cannot be read becomes a ``failed`` row
-with the reason, and the others go on. ``summary.parquet`` and ``summary.csv`` hold one row per slide.
+``analyze_slide`` (its own reader threads), at the manifest's ``mpp`` where a row has one; a slide
+that cannot be read becomes a ``failed`` row with the reason, and the others go on.
+``summary.parquet`` and ``summary.csv`` hold one row per slide.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SlideAnalyzer:
     def columns(self) -> dict[str, Any]:
         """Every row has every column (a failed row: NaN), so the table has one schema."""
         spec = self.predictor.spec
-        cols: dict[str, Any] = {"tiles": np.nan, "seconds": np.nan, "outputs": ""}
+        cols: dict[str, Any] = {"tiles": np.nan, "tiles_failed": np.nan, "seconds": np.nan, "outputs": ""}
         if spec.has_map:
             cols.update({f"area_mm2/{c}": np.nan for c in spec.classes})
             cols.update({"gleason_primary": np.nan, "gleason_secondary": np.nan, "gleason_score": np.nan})
@@ -53,7 +54,7 @@ class SlideAnalyzer:
             cols.update({f"count/{c}": np.nan for c in spec.point_classes})
         return cols
 
-    def analyze_one(self, slide_id: str, uri: str) -> dict[str, Any]:
+    def analyze_one(self, slide_id: str, uri: str, mpp: float | None = None) -> dict[str, Any]:
         from pathray.inference.analyze import analyze_slide
         from pathray.inference.outputs import write_outputs
         from pathray.wsi.backends.open import open_slide
@@ -67,13 +68,18 @@ class SlideAnalyzer:
         }
         t0 = time.perf_counter()
         try:
-            result = analyze_slide(uri, self.predictor, self.storage, self.tissue)
+            result = analyze_slide(uri, self.predictor, self.storage, self.tissue, mpp=mpp)
             dest = join_uri(self.out_uri, slide_id)
-            write_outputs(result, dest, open_slide(uri, self.storage), self.storage)
+            write_outputs(result, dest, open_slide(uri, self.storage, mpp=mpp), self.storage)
         except Exception as exc:  # noqa: BLE001 - one bad slide is a row, not the end of the run
             row.update(status="failed", reason=redact(str(exc)) or type(exc).__name__)
             return row
-        row.update(tiles=result.tiles, seconds=time.perf_counter() - t0, outputs=dest)
+        row.update(
+            tiles=result.tiles,
+            tiles_failed=len(result.failed_tiles),
+            seconds=time.perf_counter() - t0,
+            outputs=dest,
+        )
         for name, area in result.areas_mm2.items():
             if f"area_mm2/{name}" in row:
                 row[f"area_mm2/{name}"] = area
@@ -87,22 +93,30 @@ class SlideAnalyzer:
         return row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        from pathray.datasets.manifest import manifest_mpp
+
+        mpps = batch["mpp"] if "mpp" in batch else [None] * len(batch["uri"])
         rows = [
-            self.analyze_one(str(s), str(u)) for s, u in zip(batch["slide_id"], batch["uri"], strict=True)
+            self.analyze_one(str(s), str(u), manifest_mpp(m))
+            for s, u, m in zip(batch["slide_id"], batch["uri"], mpps, strict=True)
         ]
         return {key: [r[key] for r in rows] for key in rows[0]}
 
 
 def manifest_slides(manifest: str, storage: StorageConfig | None = None) -> pd.DataFrame:
-    """``slide_id, uri`` of a manifest (Parquet/CSV); ``slide_id`` defaults to the file name's stem."""
-    from pathray.datasets.manifest import ManifestError, load_manifest
+    """``slide_id, uri, mpp`` of a manifest (Parquet/CSV); ``slide_id`` defaults to the file name's
+    stem, ``mpp`` (the level-0 µm/px override of slides whose files have none) to NaN."""
+    from pathray.datasets.manifest import ManifestError, load_manifest, manifest_mpp
 
     frame = load_manifest(manifest, storage)
     if "uri" not in frame.columns:
         raise ManifestError(manifest, ["no 'uri' column"])
     if "slide_id" not in frame.columns:
         frame["slide_id"] = [Path(str(u).split("?")[0]).stem for u in frame["uri"]]
-    return frame[["slide_id", "uri"]].astype(str).reset_index(drop=True)
+    out = frame[["slide_id", "uri"]].astype(str).reset_index(drop=True)
+    mpps = frame["mpp"] if "mpp" in frame.columns else [None] * len(frame)
+    out["mpp"] = [manifest_mpp(m) or np.nan for m in mpps]
+    return out
 
 
 def analyze_manifest(

@@ -56,6 +56,7 @@ def analyze_remote(
     progress: Callable[[int, int], None] | None = None,
     poll_s: float = 0.5,
     timeout_s: float = 3600.0,
+    mpp: float | None = None,
 ) -> dict[str, Any]:
     """Analyse ``slide`` with ``model`` on a pathray service; files land in ``out``.
 
@@ -66,6 +67,7 @@ def analyze_remote(
         out: folder for overlay.png, mask.png, annotations.geojson, summary.json.
         token: bearer token when the service has one.
         progress: called with (tiles done, tiles total) whenever the service reports progress.
+        mpp: the slide's level-0 µm/px, overriding its metadata (for slides that have none).
 
     Returns:
         The summary (``summary.json``), with ``id`` and ``files`` (local paths) added.
@@ -74,7 +76,10 @@ def analyze_remote(
         RemoteAnalysisError: refused (403, 404, ...), failed (with the service's reason) or timed out.
     """
     base = endpoint.rstrip("/")
-    _, raw = _request(f"{base}/v1/analyses", token, {"slide": slide, "model": model})
+    body: dict[str, Any] = {"slide": slide, "model": model}
+    if mpp is not None:
+        body["mpp"] = mpp
+    _, raw = _request(f"{base}/v1/analyses", token, body)
     analysis_id = json.loads(raw)["id"]
     deadline = time.monotonic() + timeout_s
     seen = (-1, -1)

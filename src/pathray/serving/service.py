@@ -51,9 +51,12 @@ class AnalysisService:
         """Analyses queued or running."""
         return len(self._tasks)
 
-    def submit(self, slide: str, uri: str, model: str, outputs: list[str]) -> Analysis:
-        """Queue an analysis of ``slide`` (as asked) at ``uri`` (as checked); returns at once."""
-        analysis = Analysis(uuid.uuid4().hex, slide, model, outputs, uri=uri)
+    def submit(
+        self, slide: str, uri: str, model: str, outputs: list[str], mpp: float | None = None
+    ) -> Analysis:
+        """Queue an analysis of ``slide`` (as asked) at ``uri`` (as checked), at level-0 ``mpp`` when
+        given (else the slide's own); returns at once."""
+        analysis = Analysis(uuid.uuid4().hex, slide, model, outputs, uri=uri, mpp=mpp)
         self._forget_old()
         self.analyses[analysis.id] = analysis
         task = asyncio.get_running_loop().create_task(self._run(analysis))
@@ -134,7 +137,7 @@ class AnalysisService:
         from pathray.wsi.backends.open import open_slide
 
         t0 = time.time()
-        slide = await asyncio.to_thread(open_slide, analysis.uri, self.config.storage)
+        slide = await asyncio.to_thread(open_slide, analysis.uri, self.config.storage, mpp=analysis.mpp)
         spec = replace(await self.spec_of(analysis.model), name=analysis.model)
         plan = await asyncio.to_thread(plan_grid, slide, spec, self.config.inference, self.config.tissue)
         chunks = plan.chunks(self.config.inference.chunk_tiles)
@@ -145,12 +148,15 @@ class AnalysisService:
         t1 = time.time()
         stitcher = Stitcher(plan, spec)
         gate = asyncio.Semaphore(self.section.inflight_chunks)
+        max_failed = self.config.inference.max_failed_share
 
         async def one(chunk: Any) -> None:
             async with gate:
                 result = await self._chunk_with_retries(analysis, plan, chunk)
             if stitcher.add(result):
                 analysis.done_tiles, analysis.chunks_done = stitcher.done_tiles, analysis.chunks_done + 1
+                analysis.failed_tiles = len(stitcher.failed_tiles)
+                stitcher.check_failed(max_failed)  # undecodable tiles only add up: fail early
 
         jobs = [asyncio.ensure_future(one(c)) for c in chunks]
         try:
@@ -161,7 +167,7 @@ class AnalysisService:
         analysis.timings["predict_s"] = time.time() - t1
 
         t2 = time.time()
-        result = await asyncio.to_thread(stitcher.finish)
+        result = await asyncio.to_thread(stitcher.finish, max_failed)
         analysis.files = await asyncio.to_thread(self._write, analysis, result, slide)
         analysis.timings["write_s"] = time.time() - t2
 
