@@ -23,7 +23,7 @@ from pathray.section import ConfigError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 slides_app = typer.Typer(no_args_is_help=True, help="Open, inspect and synthesise whole-slide images.")
 app.add_typer(slides_app, name="slides")
-data_app = typer.Typer(no_args_is_help=True, help="Look at the online-patched tile stream.")
+data_app = typer.Typer(no_args_is_help=True, help="Split manifests; look at the online-patched tile stream.")
 app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -191,6 +191,75 @@ def data_preview(
         typer.echo(f"skipped {faults['skipped_tiles']} unreadable tile(s)", err=True)
 
 
+def _split_column(frame: Any, name: str | None, default: str, what: str) -> str | None:
+    """The column to group or stratify by: ``name`` (which must exist; 'none': no column), else
+    ``default`` when the manifest has it, else None."""
+    if name is None:
+        return default if default in frame.columns else None
+    if name.lower() == "none":
+        return None
+    if name not in frame.columns:
+        fail(f"--{what} {name!r}: no such column (columns: {', '.join(map(str, frame.columns))})")
+    return name
+
+
+@data_app.command("split")
+@friendly
+def data_split(
+    manifest: Annotated[str, typer.Argument(help="Parquet/CSV manifest: a path or any storage URI")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="where to write (.parquet/.csv); default NAME.split.EXT")
+    ] = None,
+    val: Annotated[float, typer.Option(help="share of slides for validation")] = 0.15,
+    test: Annotated[float, typer.Option(help="share of slides for the test split")] = 0.15,
+    seed: Annotated[int, typer.Option(help="the same seed gives the same splits")] = 0,
+    group: Annotated[
+        str | None,
+        typer.Option(help="case column (default: case_id if present; none: each slide alone)"),
+    ] = None,
+    stratify: Annotated[
+        str | None,
+        typer.Option(help="column to stratify by (default: label if present; none: unstratified)"),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Write MANIFEST with a `split` column (train/val/test) and print slides, cases and labels per split.
+
+    Splits are grouped (no case on two sides; a row without a case is its own case), stratified
+    (each label keeps its share in every split, counted in slides) and seeded. A case whose slides
+    carry different labels is not refused: it is stratified under its most common label (ties: the
+    first in sorted order) and listed. An existing `split` column is replaced.
+    """
+    from pathray.datasets.manifest import load_manifest, save_manifest
+    from pathray.datasets.splits import mixed_cases, split_counts, split_manifest
+
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        fail(f"--val and --test must be shares in [0, 1) with a sum below 1, got {val:g} and {test:g}")
+    cfg = _config(config, overrides)
+    frame = load_manifest(manifest, cfg.storage)
+    group_col = _split_column(frame, group, "case_id", "group")
+    strat_col = _split_column(frame, stratify, "label", "stratify")
+    fractions = {"train": 1.0 - val - test, "val": val, "test": test}
+    split = split_manifest(frame, fractions, seed=seed, group=group_col, stratify=strat_col)
+    if out is None:
+        stem, dot, suffix = manifest.rpartition(".")
+        out = f"{stem}.split.{suffix}" if dot else f"{manifest}.split.parquet"
+    written = save_manifest(split, out, cfg.storage)
+    counts = split_counts(split, group_col, strat_col)
+    typer.echo(counts.reset_index().to_string(index=False))
+    typer.echo(
+        f"grouped by: {group_col or '(each slide its own case)'}; stratified by: {strat_col or '(none)'}"
+    )
+    mixed = mixed_cases(split, group_col, strat_col)
+    if mixed:
+        shown = ", ".join(mixed[:10]) + (", ..." if len(mixed) > 10 else "")
+        typer.echo(
+            f"{len(mixed)} case(s) with more than one {strat_col}, stratified by the most common: {shown}"
+        )
+    typer.echo(f"manifest: {written}")
+
+
 @app.command("train")
 @friendly
 def train(
@@ -200,11 +269,12 @@ def train(
     overrides: SetOpt = None,
 ) -> None:
     """Train the project's engine on its task with Ray Train; evaluate on the test split."""
+    from pathray.training.progress import progress_line
     from pathray.training.trainer import run_training
 
     cfg = _config(config, overrides)
     _start_ray(cfg.storage, trains=True)
-    result = run_training(cfg)
+    result = run_training(cfg, progress=lambda row: typer.echo(progress_line(row, cfg.train.steps), err=True))
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
     for key, value in shown.items():
         typer.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
@@ -232,9 +302,10 @@ def experiment_cmd(
         typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
 
     result = run_experiment(exp, progress=progress)
-    from pathray.training.experiment_report import markdown_table
+    from pathray.training.experiment_report import SUMMARY_COLUMNS, markdown_table, summary
 
     typer.echo(markdown_table(result.table))
+    typer.echo(markdown_table(summary(result.table), list(SUMMARY_COLUMNS)))
     for name, path in result.paths.items():
         typer.echo(f"{name + ':':24s} {path}")
 
@@ -276,17 +347,22 @@ def demo(
         "pathray-demo"
     ),
     store: Annotated[str, typer.Option(help="'s3' (embedded SeaweedFS on 127.0.0.1) or 'local'")] = "s3",
-    n: Annotated[int, typer.Option("--n", help="synthetic slides")] = 6,
-    size: Annotated[int, typer.Option(help="slide size in pixels")] = 8192,
+    n: Annotated[
+        int, typer.Option("--n", help="synthetic slides: half unlabelled (DINO), a third train, a sixth test")
+    ] = 24,
+    size: Annotated[int, typer.Option(help="slide size in pixels")] = 4096,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     steps: Annotated[int, typer.Option(help="fine-tuning steps (DINO gets half); 0 skips training")] = 40,
+    seeds: Annotated[int, typer.Option(help="repeats of every fine-tuning run (seeds 0..N-1)")] = 2,
 ) -> None:
     """Run pathray end to end on embedded defaults: nothing to set up but the install."""
     from pathray.demo.run import DemoOptions, run_demo
 
     if store not in ("s3", "local"):
         fail(f"--store must be 's3' or 'local', not {store!r}")
-    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps))
+    if seeds < 1:
+        fail(f"--seeds must be at least 1, not {seeds}")
+    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps, seeds=seeds))
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow and stop jobs on a Ray cluster (Ray Jobs API).")
@@ -416,14 +492,28 @@ def analyze_cmd(
         int | None, typer.Option(help="tiles per forward pass (inference.batch_size)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (inference.device)")] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(help="the slide's level-0 µm/px, for slides without it (--manifest: its mpp column)"),
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Analyse a slide (class map, areas, Gleason score, GeoJSON, overlay) or a manifest of slides."""
+    """Analyse a slide (class map, areas, Gleason score, GeoJSON, overlay) or a manifest of slides.
+
+    Undecodable tiles are left out, counted in summary.json and hatched in the overlay; more than
+    inference.max_failed_share of them fails the slide.
+    """
+    from pathray.wsi.backends.levels import MAX_PLAUSIBLE_MPP, plausible_mpp
+
     if not model:
         fail("--model is required (a model package URI, or a model id with --endpoint)")
     if (slide is None) == (manifest is None):
         fail("give either SLIDE or --manifest")
+    if mpp is not None and plausible_mpp(mpp) is None:
+        fail(f"--mpp must be a level-0 µm/px in (0, {MAX_PLAUSIBLE_MPP:g}], got {mpp:g}")
+    if mpp is not None and manifest is not None:
+        fail("--mpp is per slide; with --manifest, give the manifest an mpp column")
     flags = {"out_mpp": out_mpp, "batch_size": batch_size, "device": device}
     given = [f"inference.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = _config(config, [*(overrides or []), *given])
@@ -446,7 +536,7 @@ def analyze_cmd(
         from pathray.serving.client import RemoteAnalysisError, analyze_remote
 
         try:
-            summary = analyze_remote(endpoint, slide, model, out, token, progress)
+            summary = analyze_remote(endpoint, slide, model, out, token, progress, mpp=mpp)
         except RemoteAnalysisError as exc:
             fail(str(exc))
         finally:
@@ -460,13 +550,86 @@ def analyze_cmd(
 
     predictor = Predictor.from_package(model, cfg.storage, inference)
     try:
-        result = analyze_slide(slide, predictor, cfg.storage, cfg.tissue, progress)
+        result = analyze_slide(slide, predictor, cfg.storage, cfg.tissue, progress, mpp=mpp)
     finally:
         progress.close()
-    files = write_outputs(result, out, open_slide(slide, cfg.storage), cfg.storage)
+    files = write_outputs(result, out, open_slide(slide, cfg.storage, mpp=mpp), cfg.storage)
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
     for name, uri in files.items():
         typer.echo(f"{name + ':':20s} {uri}")
+
+
+models_app = typer.Typer(
+    no_args_is_help=True, help="Public pathology foundation models: the presets, and checks of their weights."
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A table of the foundation presets: parameters (counted on the meta device), dim, pooling, tile,
+    mpp and licence. Use one with `engine.preset: NAME` in a project config."""
+    from pathray.models.foundation import count_parameters
+    from pathray.models.presets import get_preset, preset_names
+
+    rows = []
+    for name in preset_names():
+        p = get_preset(name)
+        rows.append(
+            {
+                "name": name,
+                "parameters": count_parameters(p),
+                "dim": p.dim,
+                "pooling": p.pooling,
+                "tile": p.tile_size,
+                "mpp": p.mpp,
+                "licence": p.licence,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="foundation presets (engine.preset)")
+    for column in ("name", "parameters", "dim", "pooling", "tile", "mpp", "licence"):
+        numeric = column in ("parameters", "dim", "tile", "mpp")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column == "name")
+    for row in rows:
+        params = f"{row['parameters'] / 1e6:,.1f}M"
+        cells = (row["name"], params, row["dim"], row["pooling"], row["tile"], row["mpp"], row["licence"])
+        table.add_row(*map(str, cells))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@models_app.command("check")
+def models_check(
+    name: Annotated[str, typer.Argument(help="a preset: pathray models list")],
+    weights: Annotated[
+        str, typer.Option("--weights", "-w", help="a file, an HF folder or cache snapshot, hf-cache:org/name")
+    ],
+    allow_partial: Annotated[
+        list[str] | None, typer.Option("--allow-partial", help="fnmatch pattern of keys that may be skipped")
+    ] = None,
+) -> None:
+    """Load WEIGHTS into preset NAME strictly: print its parameters and dim (exit 0), or a line naming
+    the keys that do not fit (exit 2)."""
+    from pathray.models.foundation import load_foundation
+    from pathray.models.weights import WeightsError
+    from pathray.registry import RegistryError
+
+    try:
+        model = load_foundation(name, weights=weights, allow_partial=allow_partial or ())
+    except (WeightsError, RegistryError) as exc:
+        fail(str(exc))
+    info = model.info
+    typer.echo(
+        f"{name}: ok, {info.params:,} parameters, dim {info.dim} ({info.pooling}), "
+        f"tile {info.tile_size} px at {info.mpp} mpp, mean {list(info.mean)} std {list(info.std)}"
+    )
 
 
 def main() -> None:

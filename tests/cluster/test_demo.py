@@ -1,5 +1,6 @@
-"""`pathray demo` end to end, as a new user runs it, at a reduced size (6 slides of 3072 px, 8 steps):
-slides into the store, DINO, the engine x fraction experiment, serving and an HTTP analysis."""
+"""`pathray demo` end to end, as a new user runs it, at a reduced size (6 slides of 3072 px, 8 steps,
+one seed): slides into the store, DINO on the unlabelled ones, the engine x fraction experiment with
+its study report, serving and an HTTP analysis."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
             "3072",
             "--steps",
             str(steps),
+            "--seeds",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -44,7 +47,7 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
     import pandas as pd
 
     manifest = pd.read_parquet(tmp_path / "demo" / "manifest.parquet")
-    assert len(manifest) == 6 and set(manifest.split) == {"train", "test"}
+    assert len(manifest) == 6 and set(manifest.split) == {"unlabelled", "train", "test"}
     prefix = "s3://" if store == "s3" else str(tmp_path / "demo" / "store")
     assert all(uri.startswith(prefix) for uri in manifest.uri)
     masks = sorted((tmp_path / "demo" / "masks").glob("*.png"))
@@ -56,13 +59,17 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
         assert (demo / "runs" / "demo-dino" / "curves.png").stat().st_size > 0
         table = pd.read_parquet(demo / "experiments" / "demo" / "results.parquet")
         assert sorted(zip(table.engine, table.fraction, strict=True)) == [
-            ("cnn", 0.5), ("cnn", 1.0), ("foundation", 0.5), ("foundation", 1.0)
+            ("cnn", 0.1), ("cnn", 1.0), ("foundation", 0.1), ("foundation", 1.0)
         ]  # fmt: skip
         assert (table.steps == steps).all() and table.macro_f1.between(0, 1).all()
         for run_dir in table.run_dir:
             metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
             assert metrics["step"] == steps and "test/macro_f1" in metrics
+            assert metrics["test/coverage"] == 1.0 and metrics["test/seconds_per_slide"] > 0
         assert "better model at 100 %" in out.stdout
+        report = (demo / "experiments" / "demo" / "report.md").read_text()
+        assert "## 1. The foundation model is 14-26 % better" in report and "ratio" in report
+        assert "ratio" in out.stdout and "macro_f1_lo" in out.stdout
         # The better model was served and a held-out slide analysed over HTTP.
         summary = json.loads((demo / "analysis" / "summary.json").read_text())
         held_out = manifest[manifest.split == "test"].uri.iloc[0]

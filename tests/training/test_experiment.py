@@ -57,8 +57,11 @@ def test_a_fraction_grid_writes_its_table_and_plots(ray_local, manifest_path, tm
     for run_dir in table.run_dir:
         cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
         assert cfg["data"]["fraction"] in (0.5, 1.0)
-    markdown = Path(result.paths["table"]).read_text()
-    assert markdown.count("\n") == 2 + 2 and "| debug_vit | 0.500 |" in markdown
+    runs, cells = Path(result.paths["table"]).read_text().split("\n\n")
+    assert runs.count("\n") == 2 + 2 - 1 and "| debug_vit | 0.500 |" in runs
+    assert cells.startswith("| engine | fraction | workers | runs | macro_f1 | macro_f1_lo |")
+    assert (table.coverage == 1.0).all() and (table.seconds_per_slide > 0).all()
+    assert "need both" in Path(result.paths["report"]).read_text()  # one engine: no comparison
     for name in ("f1_vs_fraction", "f1_vs_iteration", "throughput_vs_workers"):
         assert Path(result.paths[name]).stat().st_size > 1000
 

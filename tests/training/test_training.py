@@ -44,6 +44,38 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ddp_ranks_agree(ray_loc
     assert len({ranks.pop() for ranks in by_step.values()}) == len(steps), by_step
 
 
+def test_a_run_that_dies_keeps_its_history_and_showed_it_live(ray_local, project, tmp_path):
+    """history.jsonl is rewritten at every report, so the reports before a crash survive it, and
+    ``progress`` (what ``pathray train`` prints) saw each of them once, while the run went on."""
+    import ray.train
+
+    from pathray.training.progress import progress_line
+    from pathray.training.trainer import run_training
+
+    name = f"dies-{tmp_path.name}"
+    cfg = project(
+        name,
+        "scale.workers=1",
+        "train.steps=9",
+        "run.log_every=2",
+        "run.checkpoint_every=100",
+        "train.fail_at_step=5",
+        "train.fail_rank=0",
+        "run.max_failures=0",
+        "train.eval_split=null",
+    )
+    seen: list[dict] = []
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_training(cfg, progress=seen.append)
+    path = Path(cfg.run.storage_path) / name / "history.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in seen] == [2, 4]
+    line = progress_line(seen[-1], 9)
+    assert line.startswith("step 4/9  loss ") and " lr " in line and "tiles/s" in line and "ETA" in line
+    assert all(r["tiles_per_s"] > 0 and r["eta_s"] > 0 and 0 <= r["data_wait_share"] <= 1 for r in rows)
+
+
 def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
     from pathray.training.trainer import run_training
 
@@ -52,7 +84,9 @@ def test_a_tiny_segmentation_run_learns(ray_local, project, tmp_path):
     cfg = project("learns", "train.steps=100", "run.checkpoint_every=50", "run.log_every=10")
     result = run_training(cfg)
     m = result.metrics
-    assert m["test/tiles"] >= 16
+    assert m["test/tiles"] >= 16 and m["test/slides"] == 2
+    assert m["test/coverage"] == 1.0  # every annotated pixel of both test slides was predicted
+    assert m["test/macro_f1_lo"] <= m["test/macro_f1"] <= m["test/macro_f1_hi"]
     assert m["test/macro_f1"] > m["baseline/macro_f1"] + 0.15, m
     assert m["test/dice"] > m["baseline/dice"] + 0.3, m
     run_dir = Path(result.run_dir)

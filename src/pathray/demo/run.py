@@ -20,16 +20,27 @@ from rich.table import Table
 from pathray.storage import StorageConfig
 
 
+def demo_splits(n: int) -> list[str]:
+    """Scarce annotations, as in the seed's setting: a sixth of the slides (one at least) is held out
+    for the whole-slide test, a third (one at least) is labelled for fine-tuning, and DINO pretrains on
+    the rest, unlabelled. The synthetic labels cycle, so each consecutive run spans the classes."""
+    test = max(1, round(n / 6))
+    train = max(1, round(n / 3))
+    unlabelled = max(0, n - test - train)
+    return ["unlabelled"] * unlabelled + ["train"] * train + ["test"] * test
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     """What the demo does; the CLI fills it from flags."""
 
     out: Path
     store: str = "s3"
-    n: int = 6
-    size: int = 8192
+    n: int = 24
+    size: int = 4096
     seed: int = 0
     steps: int = 40
+    seeds: int = 2
 
 
 @contextlib.contextmanager
@@ -100,9 +111,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 put(s.path, f"slides/{s.path.name}")
                 put(s.annotations_path, f"slides/{s.annotations_path.name}")
                 progress.advance(task)
-        manifest = synthetic_manifest(
-            slides, uri_prefix=f"{prefix}/slides", seed=options.seed, fractions={"train": 0.67, "test": 0.33}
-        )
+        manifest = synthetic_manifest(slides, uri_prefix=f"{prefix}/slides", seed=options.seed)
+        manifest["split"] = demo_splits(len(manifest))
         manifest_path = write_manifest(manifest, out / "manifest.parquet")
         table = Table(title=f"slides read back from {prefix}")
         for col in ("slide", "label", "split", "reader", "size", "levels", "mpp", "tissue", "read"):
@@ -133,7 +143,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         console.print(table)
         trained: dict[str, Any] = {}
         if options.steps > 0:
-            trained = train_in_demo(out, manifest, manifest_path, storage, console, options.steps, prefix)
+            trained = train_in_demo(
+                out, manifest, manifest_path, storage, console, options.steps, prefix, options.seeds
+            )
     console.print(f"{'manifest:':28s} {manifest_path}")
     console.print(f"{'tissue masks:':28s} {out / 'masks'}")
     for label, path in output_paths(trained).items():
@@ -167,6 +179,7 @@ def train_in_demo(
     console: Console,
     steps: int,
     prefix: str,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Train, then serve the better model and analyse a held-out slide over HTTP, on a local Ray
     that is stopped afterwards (nothing left behind)."""
@@ -182,7 +195,7 @@ def train_in_demo(
     for name in ("ray.data", "ray.serve", "ray.train"):  # the demo shows its own progress
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        trained = run_demo_training(out, manifest, str(manifest_path), storage, console, steps)
+        trained = run_demo_training(out, manifest, str(manifest_path), storage, console, steps, seeds)
         best = trained["best"]
         held_out = manifest[manifest["split"] == "test"].iloc[0]
         summary = serve_and_analyze(

@@ -12,7 +12,7 @@ from pathray.inference.spec import ModelSpec
 from pathray.wsi.backends.errors import SlideReadError
 from pathray.wsi.backends.slide import Slide
 from pathray.wsi.patching.samplers import SamplerConfig, SlideRegions, TissueGridSampler
-from pathray.wsi.patching.tissue import TissueConfig, tissue_mask
+from pathray.wsi.patching.tissue import TissueConfig, TissueMask, tissue_mask
 
 
 @dataclass
@@ -86,18 +86,27 @@ class GridPlan:
 
 
 def plan_grid(
-    slide: Slide, spec: ModelSpec, config: InferenceConfig, tissue: TissueConfig | None = None
+    slide: Slide,
+    spec: ModelSpec,
+    config: InferenceConfig,
+    tissue: TissueConfig | None = None,
+    mask: TissueMask | None = None,
 ) -> GridPlan:
     """The tissue grid at the model's tile size and mpp with ``config.overlap``, in row-major order.
 
-    Tiles keep at least ``config.min_tissue`` of tissue (the cached tissue mask of the slide).
+    Tiles keep at least ``config.min_tissue`` of tissue (the cached tissue mask of the slide, or
+    ``mask``: an evaluation adds the annotated regions to it).
 
     Raises:
         SlideReadError: the slide has no usable mpp (a grid in µm needs one).
     """
     if slide.mpp is None:
-        raise SlideReadError(slide.uri, "the slide has no usable mpp; inference cuts tiles in µm/px")
-    mask = tissue_mask(slide, tissue)
+        raise SlideReadError(
+            slide.uri,
+            "the slide has no usable mpp (µm/px) in its metadata; pass one: `pathray analyze --mpp 0.25`, "
+            '"mpp": 0.25 in the request body, or an mpp column in the manifest',
+        )
+    mask = mask or tissue_mask(slide, tissue)
     width, height = slide.dimensions
     sampler = TissueGridSampler(
         SamplerConfig(

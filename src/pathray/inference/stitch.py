@@ -11,6 +11,11 @@ from pathray.inference.outputs import NO_DATA, AnalysisResult, class_areas_mm2
 from pathray.inference.points import suppress_duplicates
 from pathray.inference.results import ChunkResult
 from pathray.inference.spec import ModelSpec
+from pathray.wsi.backends.errors import SlideReadError
+
+
+class TilesLostError(SlideReadError):
+    """More of a slide's tiles could not be decoded than ``inference.max_failed_share`` allows."""
 
 
 class Stitcher:
@@ -22,6 +27,8 @@ class Stitcher:
         self._sums = np.zeros((len(spec.classes), rows, cols), np.float32) if spec.has_map else None
         self._covered = np.zeros((rows, cols), bool)
         self._points: list[np.ndarray] = []
+        self._failed: list[np.ndarray] = []
+        self._failed_cause = ""
         self._seen: set[int] = set()
         self._done = 0
         self.timings: dict[str, float] = {"read_wait_s": 0.0, "predict_s": 0.0}
@@ -35,13 +42,18 @@ class Stitcher:
     def total_tiles(self) -> int:
         return self.plan.n_tiles
 
+    @property
+    def failed_tiles(self) -> np.ndarray:
+        """``(k, 2)`` level-0 ``(x, y)`` corners of the tiles that could not be decoded so far."""
+        return np.concatenate(self._failed) if self._failed else np.zeros((0, 2), np.int64)
+
     def add(self, result: ChunkResult) -> bool:
         """Add one chunk; False (and nothing added) when its index was added before."""
         if result.index in self._seen:
             return False
         self._seen.add(result.index)
         rows, cols = self.plan.map_shape
-        for i in range(result.n_tiles):
+        for i in range(len(result.rows)):  # the decoded tiles; failed ones are listed apart
             r0, c0 = int(result.rows[i]), int(result.cols[i])
             r1, c1 = min(rows, r0 + int(result.heights[i])), min(cols, c0 + int(result.widths[i]))
             if self._sums is None or result.probs is None:
@@ -57,6 +69,9 @@ class Stitcher:
             self._covered[r0:r1, c0:c1] = True
         if result.points is not None and len(result.points):
             self._points.append(result.points)
+        if len(result.failed):
+            self._failed.append(np.asarray(result.failed, np.int64).reshape(-1, 2))
+            self._failed_cause = self._failed_cause or result.failed_cause
         for key in self.timings:
             self.timings[key] += float(result.timings.get(key, 0.0))
         self._done += result.n_tiles
@@ -77,6 +92,11 @@ class Stitcher:
             out[~tissue] = NO_DATA
         return out
 
+    def covered_map(self) -> np.ndarray:
+        """Booleans of the class-map pixels some tile predicted (within the tissue mask)."""
+        tissue = self.plan.tissue_map()
+        return self._covered if tissue is None else self._covered & tissue
+
     def points(self) -> np.ndarray:
         """``(n, 4)`` level-0 ``(x, y, class, score)``, duplicates across tile borders suppressed."""
         if not self._points:
@@ -85,8 +105,25 @@ class Stitcher:
         radius = self.spec.match_radius_um / self.plan.slide_mpp
         return pts[suppress_duplicates(pts[:, :4], pts[:, 4], radius), :4]
 
-    def finish(self) -> AnalysisResult:
-        """The stitched result; call after every chunk was added (missing chunks stay 255)."""
+    def check_failed(self, max_failed_share: float) -> None:
+        """Raise ``TilesLostError`` (naming the slide, the count and the share) when more than
+        ``max_failed_share`` of the planned tiles could not be decoded."""
+        lost, total = len(self.failed_tiles), self.plan.n_tiles
+        if total and lost / total > max_failed_share:
+            first = (self._failed_cause.strip().splitlines() or ["unknown"])[0]
+            raise TilesLostError(
+                self.plan.slide_uri,
+                f"{lost} of {total} tiles ({100 * lost / total:.1f} %) could not be decoded, more than "
+                f"inference.max_failed_share ({100 * max_failed_share:g} %); first: {first}",
+            )
+
+    def finish(self, max_failed_share: float = 1.0) -> AnalysisResult:
+        """The stitched result; call after every chunk was added (missing chunks stay 255).
+
+        Raises:
+            TilesLostError: more than ``max_failed_share`` of the tiles could not be decoded.
+        """
+        self.check_failed(max_failed_share)
         t0 = time.perf_counter()
         plan, spec = self.plan, self.spec
         timings = {**self.timings}
@@ -106,6 +143,9 @@ class Stitcher:
             tiles=plan.n_tiles,
             tiles_done=self._done,
             min_region_um2=plan.min_region_um2,
+            failed_tiles=self.failed_tiles.tolist(),
+            failed_cause=self._failed_cause,
+            tile_extent=plan.extent,
         )
         if spec.has_map:
             from pathray.inference.gleason import gleason_score

@@ -2,7 +2,8 @@
 
 A project names its engine and task once; the rest follows from them when the project is
 validated: the engine's registered defaults (tile size and mpp, lr, batch, steps) fill in what the
-project did not set, and the ViT's input size is the tile size the model sees.
+project did not set, a foundation preset's tile size and mpp over them (``engine.preset``), and the
+ViT's input size is the tile size the model sees.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ class TrainConfig(Section):
     batch_size: int = Field(32, description="tiles per worker per micro-batch")
     shuffle_buffer: int = Field(256, description="tiles mixed locally before batching (blocks are per slide)")
     eval_split: str | None = Field("test", description="manifest split evaluated after training; null: none")
-    eval_tiles_per_slide: int = 32
+    eval_tiles_per_slide: int = Field(32, description="eval_mode tiles (and SSL probes): tiles per slide")
+    eval_mode: Literal["wholeslide", "tiles"] = Field(
+        "wholeslide",
+        description="wholeslide: the serving predictor over every annotated region of every test slide, "
+        "with bootstrap intervals; tiles: random tissue tiles per slide (quick)",
+    )
+    eval_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the test slides")
     seed: int = 0
     fail_at_step: int | None = Field(None, description="testing aid: SIGKILL one worker once at this step")
     fail_rank: int = 1
@@ -90,20 +97,26 @@ class ProjectConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _engine_defaults(cls, data: Any) -> Any:
-        """Switching ``engine.name`` switches its defaults; what the project sets itself wins."""
+        """Switching ``engine.name`` switches its defaults, and ``engine.preset`` its tile size and mpp;
+        what the project sets itself wins."""
         if not isinstance(data, dict):
             return data
-        from pathray.models.engines import engine_entry
+        from pathray.models.engines import engine_defaults
 
         engine = data.get("engine")
         if isinstance(engine, EngineConfig):
-            name = engine.name
+            name, preset = engine.name, engine.preset
+        elif isinstance(engine, dict):
+            name, preset = engine.get("name", "foundation"), engine.get("preset")
         else:
-            name = (engine or {}).get("name", "foundation") if isinstance(engine, dict) else "foundation"
+            name, preset = "foundation", None
         try:
-            defaults = engine_entry(name).defaults
+            defaults = engine_defaults(name, preset)
         except RegistryError as exc:
-            raise ValueError(f"engine.name: {exc}") from None
+            label = "engine.preset" if preset is not None and "preset" in str(exc) else "engine.name"
+            raise ValueError(f"{label}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"engine.preset: {exc}") from None
         return deep_merge(defaults, data)
 
     @model_validator(mode="after")

@@ -30,6 +30,14 @@ class EvalTiles:
     split: str | None
     tiles_per_slide: int
     batch_size: int
+    mode: str = "wholeslide"
+    bootstrap: int = 1000
+
+    def slides(self) -> list[dict[str, Any]]:
+        """Rows of the annotated slides of ``split``: what a whole-slide evaluation scores."""
+        frame = self.manifest if self.split is None else self.manifest[self.manifest["split"] == self.split]
+        rows = frame.to_dict("records")
+        return [r for r in rows if isinstance(r.get("annotations_uri"), str) and r["annotations_uri"]]
 
     def batches(self, task: TaskSpec, sampler: str) -> Iterator[dict[str, Any]]:
         """Collated batches of ``tiles_per_slide`` tiles a slide drawn by ``sampler``, ``task``'s targets."""
@@ -58,9 +66,11 @@ def load_trained(
     engine: EngineConfig, task: TaskSpec, checkpoint_dir: str | Path
 ) -> tuple[torch.nn.Module, TaskSpec]:
     """The task model of a run with its checkpoint's weights, in eval mode."""
+    from pathray.models.foundation import random_init_expected
     from pathray.models.task_model import build_model
 
-    model, spec = build_model(engine.model_copy(update={"weights": None}), task)
+    with random_init_expected():
+        model, spec = build_model(engine.model_copy(update={"weights": None}), task)
     model.load_state_dict(load_checkpoint(checkpoint_dir)["model"])
     return model.eval(), spec
 
@@ -68,8 +78,11 @@ def load_trained(
 def evaluate_supervised(
     engine: EngineConfig, task: TaskSpec, checkpoint_dir: str | Path, tiles: EvalTiles
 ) -> dict[str, float]:
-    """Task metrics on random tissue tiles of each held-out slide (no augmentation)."""
+    """Task metrics of held-out slides: whole slides through the serving predictor (``tiles.mode``
+    "wholeslide", with bootstrap intervals over slides), or random tissue tiles of each."""
     model, task = load_trained(engine, task, checkpoint_dir)
+    if tiles.mode == "wholeslide":
+        return evaluate_wholeslide(model, task, tiles)
     metric = task.metrics()
     targets: list[torch.Tensor] = []
     with torch.no_grad():
@@ -81,6 +94,20 @@ def evaluate_supervised(
         scores.update(constant_baseline(task, targets))
     scores["test/tiles"] = float(sum(len(t) for t in targets))
     return scores
+
+
+def evaluate_wholeslide(model: torch.nn.Module, task: TaskSpec, tiles: EvalTiles) -> dict[str, float]:
+    """The trained model as it would serve, scored over every annotated region of the split's slides."""
+    from pathray.inference.config import InferenceConfig
+    from pathray.inference.evaluation import evaluate_slides
+    from pathray.inference.predictor import Predictor
+    from pathray.inference.spec import ModelSpec
+
+    sampler = tiles.stream.sampler
+    spec = ModelSpec(task, sampler.size, sampler.mpps[0], "evaluation")
+    config = InferenceConfig(batch_size=tiles.batch_size, read_threads=2, chunk_tiles=64, overlap=0.0)
+    predictor = Predictor(model, spec, config)
+    return evaluate_slides(predictor, tiles.slides(), tiles.storage, tiles.tissue, tiles.bootstrap).metrics
 
 
 def constant_baseline(task: TaskSpec, targets: list[torch.Tensor]) -> dict[str, float]:
@@ -106,9 +133,11 @@ def evaluate_ssl(
     class each class-balanced tile was drawn from) on train-split slides and scores the others.
     """
     from pathray.models.engines import build_engine
+    from pathray.models.foundation import random_init_expected
     from pathray.models.metrics import linear_probe, odcorr, rankme
 
-    backbone = build_engine(engine.model_copy(update={"weights": None}))
+    with random_init_expected():
+        backbone = build_engine(engine.model_copy(update={"weights": None}))
     backbone.load_backbone_weights(str(Path(checkpoint_dir) / CHECKPOINT_FILE))
     backbone.eval()
     labels_task = build_task(ClassificationConfig())

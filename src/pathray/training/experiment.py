@@ -27,9 +27,16 @@ class ExperimentSection(Section):
 
     name: str = "experiment"
     base: str = Field(..., description="project config every cell starts from (relative to this file)")
-    engines: list[str] = Field(default_factory=lambda: ["foundation", "cnn"])
+    engines: list[str] = Field(
+        default_factory=lambda: ["foundation", "cnn"],
+        description="registered engines, or foundation presets (uni, kaiko_vits16: on the foundation engine)",
+    )
     fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     workers: list[int] = Field(default_factory=lambda: [1])
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        description="repeats: every cell trains once per seed (its own nested subset, init and stream)",
+    )
     set: list[str] = Field(default_factory=list, description="overrides for every cell (a.b=value)")
     engine_set: dict[str, list[str]] = Field(default_factory=dict, description="overrides per engine")
     out: str = Field("runs/experiments", description="folder of the runs and the results")
@@ -60,45 +67,65 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 
 def cell_config(
-    exp: ExperimentSection, root: Path, engine: str, fraction: float, workers: int
+    exp: ExperimentSection, root: Path, engine: str, fraction: float, workers: int, seed: int = 0
 ) -> ProjectConfig:
     """The project config of one cell: base file < experiment overrides < the cell's own values."""
     name = f"{exp.name}-{engine}-f{round(fraction * 100):03d}-w{workers}"
+    name += f"-s{seed}" if len(exp.seeds) > 1 else ""
     overrides = [
-        f"engine.name={engine}",
+        *engine_overrides(engine),
         *exp.set,
         *exp.engine_set.get(engine, []),
         f"data.fraction={fraction}",
         f"scale.workers={workers}",
+        f"train.seed={seed}",
         f"run.name={name}",
         f"run.storage_path={(root / 'runs').absolute()}",
     ]
     return load_section(ProjectConfig, exp.base, overrides)
 
 
+def engine_overrides(engine: str) -> list[str]:
+    """What a cell's engine entry sets: a registered engine by name, or a foundation preset on the
+    foundation engine (a preset is just another engine entry of the grid)."""
+    from pathray.models.engines import ENGINES
+    from pathray.models.presets import preset_names
+
+    if engine not in ENGINES and engine in preset_names():
+        return ["engine.name=foundation", "engine.model=null", f"engine.preset={engine}"]
+    return [f"engine.name={engine}"]
+
+
 def cell_configs(exp: ExperimentSection, root: Path) -> list[ProjectConfig]:
     """Every cell's project config, in the order they run (each validated: a bad cell fails here)."""
-    cells = itertools.product(exp.engines, exp.fractions, exp.workers)
-    return [cell_config(exp, root, engine, fraction, workers) for engine, fraction, workers in cells]
+    cells = itertools.product(exp.engines, exp.fractions, exp.workers, exp.seeds)
+    return [cell_config(exp, root, *cell) for cell in cells]
 
 
 def cell_row(cfg: ProjectConfig, result: Any, seconds: float) -> dict[str, Any]:
     """One table row: the cell, its test scores, the constant baseline and its throughput."""
+    nan = float("nan")
     history = [h for h in _history(result) if "steps_per_s" in h]
-    steps_per_s = history[-1]["steps_per_s"] if history else float("nan")
+    steps_per_s = history[-1]["steps_per_s"] if history else nan
     images = cfg.train.batch_size * cfg.optim.grad_accum * cfg.scale.workers
     m = result.metrics
     return {
-        "engine": cfg.engine.name,
+        "engine": cfg.engine.preset or cfg.engine.name,
         "model": cfg.engine.model or "",
         "fraction": cfg.data.fraction,
         "workers": cfg.scale.workers,
+        "seed": cfg.train.seed,
         "steps": cfg.train.steps,
-        "macro_f1": m.get("test/macro_f1", float("nan")),
-        "dice": m.get("test/dice", float("nan")),
-        "baseline_macro_f1": m.get("baseline/macro_f1", float("nan")),
+        "macro_f1": m.get("test/macro_f1", nan),
+        "macro_f1_lo": m.get("test/macro_f1_lo", nan),  # bootstrap over the test slides
+        "macro_f1_hi": m.get("test/macro_f1_hi", nan),
+        "dice": m.get("test/dice", nan),
+        "baseline_macro_f1": m.get("baseline/macro_f1", nan),
+        "coverage": m.get("test/coverage", nan),
+        "test_slides": m.get("test/slides", nan),
+        "seconds_per_slide": m.get("test/seconds_per_slide", nan),
         "images_per_s": steps_per_s * images,
-        "data_wait_share": history[-1].get("data_wait_share", float("nan")) if history else float("nan"),
+        "data_wait_share": history[-1].get("data_wait_share", nan) if history else nan,
         "seconds": seconds,
         "run_dir": result.run_dir,
         "model_uri": result.paths.get("model", ""),

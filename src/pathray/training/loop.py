@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pathray.storage import join_uri, write_text
+from pathray.storage import StorageError, join_uri, write_text
 from pathray.training.learners import Learner, WorkerJob, build_learner, unwrap
+from pathray.training.outputs import HISTORY_FILE
 from pathray.training.parallel import (
     full_parameters,
     is_sharded,
@@ -30,6 +32,8 @@ from pathray.training.parallel import (
     local_share,
     optimizer_state,
 )
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
@@ -94,9 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job: WorkerJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    learner = build_learner(job)
-    if job.engine.freeze_backbone:
-        learner.model.engine.freeze_backbone(True)
+    learner = build_learner(job)  # engine.finetune applied: only what trains needs gradients
     learner.prepare(job.scale.strategy)
     device = ray.train.torch.get_device()
     optimizer, scheduler = build_optimizer(unwrap(learner.trainable), job)
@@ -115,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps, accum = job.train.steps, job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
     t_data = t_step = 0.0
+    first_step = state["step"]  # steps/s count this process's steps, not a restored run's
     losses: list[float] = []
     window = learner.task.metrics()  # training metrics over the steps since the last report
     micro = 0
@@ -151,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses.append(float(loss.detach()))
             t_step += time.perf_counter() - start
             if micro % accum == 0:
-                timing = {"data": t_data, "step": t_step}
+                timing = {"data": t_data, "step": t_step, "steps": state["step"] - first_step}
                 if _after_optimizer_step(
                     job, learner, optimizer, scheduler, state, losses, window, history, timing, rank
                 ):
@@ -198,18 +201,24 @@ def _after_optimizer_step(
     if not checkpointing and step % job.run.log_every != 0:
         return False
     busy = timing["data"] + timing["step"]
+    steps_per_s = timing.get("steps", step) / max(1e-9, busy)
+    workers = ray.train.get_context().get_world_size()
     metrics = {
         "step": step,
         "epoch": state["epoch"],
         "loss": sum(losses) / max(1, len(losses)),
         "lr": float(scheduler.get_last_lr()[0]),
         "data_wait_share": timing["data"] / max(1e-9, busy),
-        "steps_per_s": step / max(1e-9, busy),
+        "steps_per_s": steps_per_s,
+        "tiles_per_s": steps_per_s * job.train.batch_size * job.optim.grad_accum * workers,
+        "eta_s": (job.train.steps - step) / max(1e-9, steps_per_s),
         "params_local_share": local_share(learner.trainable),
         **{f"train/{k}": float(v) for k, v in window.compute().items()},
     }
     history.append(metrics)
     losses.clear()
+    if rank == 0:
+        write_history(job, history)
     if checkpointing:
         _report_with_checkpoint(
             job, learner, optimizer, scheduler, {**state, "history": history}, metrics, rank
@@ -217,6 +226,17 @@ def _after_optimizer_step(
     else:
         ray.train.report(metrics)
     return True
+
+
+def write_history(job: WorkerJob, history: list[dict[str, Any]]) -> None:
+    """``history.jsonl`` of the run so far, rewritten at every report (an object store appends
+    nothing): a run that dies keeps what it reported, and ``pathray train`` shows it as it grows."""
+    rows = "".join(json.dumps(row, default=float) + "\n" for row in history)
+    run_dir = join_uri(job.run.storage_path, str(job.run.name))
+    try:
+        write_text(join_uri(run_dir, HISTORY_FILE), rows, job.storage)
+    except StorageError as exc:  # progress is worth a warning, never the run
+        log.warning("cannot write %s: %s", HISTORY_FILE, exc)
 
 
 def _fail_once(job: WorkerJob, rank: int) -> None:

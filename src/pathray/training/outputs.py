@@ -12,6 +12,8 @@ import yaml
 from pathray.storage import join_uri, write_bytes, write_text
 from pathray.training.config import ProjectConfig
 
+HISTORY_FILE = "history.jsonl"
+
 
 def write_run_outputs(
     run_dir: str | Path, config: ProjectConfig, history: list[dict[str, Any]], metrics: dict[str, Any]
@@ -29,7 +31,7 @@ def write_run_outputs(
         "config": write_text(
             join_uri(run_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False), storage
         ),
-        "history": write_text(join_uri(run_dir, "history.jsonl"), rows, storage),
+        "history": write_text(join_uri(run_dir, HISTORY_FILE), rows, storage),
         "metrics": write_text(
             join_uri(run_dir, "metrics.json"), json.dumps(metrics, indent=2, default=float), storage
         ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,14 @@ def epochs_needed(cfg: ProjectConfig, slides: int) -> int:
     return max(1, math.ceil(1.1 * tiles / per_epoch))
 
 
-def run_training(cfg: ProjectConfig, manifest: Any = None) -> TrainResult:
+def run_training(
+    cfg: ProjectConfig, manifest: Any = None, progress: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
     """Train the project's engine on its task with Ray Train, evaluate it, write the run's outputs.
 
     Needs a running Ray (``pathray.cluster.ray_local.ensure_ray`` starts a local one). Storage
     credentials stay out of everything the run writes and of what its workers receive.
+    ``progress(row)`` sees every report (step, loss, lr, tiles/s, data wait, ETA) while it trains.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -88,6 +92,7 @@ def run_training(cfg: ProjectConfig, manifest: Any = None) -> TrainResult:
     from pathray.training.evaluate import EvalTiles
     from pathray.training.loop import train_loop_per_worker
     from pathray.training.outputs import write_run_outputs
+    from pathray.training.progress import HistoryWatcher
 
     if manifest is None:
         if not cfg.data.manifest:
@@ -141,7 +146,11 @@ def run_training(cfg: ProjectConfig, manifest: Any = None) -> TrainResult:
         ),
         datasets={"train": train_dataset},
     )
-    result = trainer.fit()
+    if progress is None:
+        result = trainer.fit()
+    else:
+        with HistoryWatcher(run_dir, cfg.storage, progress):
+            result = trainer.fit()
     checkpoint = result.checkpoint
     metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
     history: list[dict[str, Any]] = []
@@ -156,6 +165,8 @@ def run_training(cfg: ProjectConfig, manifest: Any = None) -> TrainResult:
             cfg.train.eval_split,
             cfg.train.eval_tiles_per_slide,
             cfg.train.batch_size,
+            cfg.train.eval_mode,
+            cfg.train.eval_bootstrap,
         )
         with checkpoint.as_directory() as d:
             if (Path(d) / "history.json").exists():

@@ -46,6 +46,7 @@ class Output:
 
     class_map: bool = False
     points: bool = False
+    per_tile: bool = False  # one class per tile (a classifier): scored over tiles, not pixels
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class ClassificationTask(TaskSpec):
     """
 
     config_type = ClassificationConfig
-    output = Output(class_map=True)
+    output = Output(class_map=True, per_tile=True)
     class_targets = True
     config: ClassificationConfig
 
