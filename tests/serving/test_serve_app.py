@@ -93,6 +93,10 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
         root / "models" / "seg-fine", "data.stream.sampler.size=128", "data.stream.sampler.mpps=[0.5]"
     )
     save_package(root / "models" / "seg-vit" / "model", "engine.name=debug_vit")  # a training run's layout
+    # a public foundation model's preset (kaiko ViT-S/16, random init here): 224 px at 0.5 µm/px
+    save_package(
+        root / "models" / "kaiko", "engine.name=foundation", "engine.model=null", "engine.preset=kaiko_vits16"
+    )
     (root / "models" / "seg-vit" / "checkpoints").mkdir()
     (root / "models" / "seg-vit" / "checkpoints" / "step-1.pt").write_bytes(b"x")
     object_store.upload_dir(root / "models", models)
@@ -159,14 +163,16 @@ def test_health_and_docs_are_open_but_v1_needs_the_token(service):
 
 
 def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
-    models = service.client.get("/v1/models").json()["models"]
-    assert [m["id"] for m in models] == ["seg", "seg-fine", "seg-vit"]
-    assert models[0]["task"] == "segmentation" and models[0]["engine"] == "debug_cnn"
-    assert models[2]["engine"] == "debug_vit"  # served from a run folder's model/ package
+    listed = service.client.get("/v1/models").json()["models"]
+    assert [m["id"] for m in listed] == ["kaiko", "seg", "seg-fine", "seg-vit"]
+    models = {m["id"]: m for m in listed}
+    assert models["seg"]["task"] == "segmentation" and models["seg"]["engine"] == "debug_cnn"
+    assert models["seg-vit"]["engine"] == "debug_vit"  # served from a run folder's model/ package
+    assert (models["seg-fine"]["tile_size"], models["seg-fine"]["mpp"]) == (128, 0.5)
     for model in ("nope", "../seg", "not-a-model"):
         r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": model})
         assert r.status_code == 404
-        assert r.json()["detail"]["known"] == ["seg", "seg-fine", "seg-vit"]
+        assert r.json()["detail"]["known"] == ["kaiko", "seg", "seg-fine", "seg-vit"]
 
 
 def _fifo(path: Path) -> Path:
@@ -278,6 +284,24 @@ def test_an_analysis_over_http_runs_to_done_with_progress_and_files(service):
     # results live in the bucket, under <output>/<id>/
     assert json.loads(service.stored(analysis_id, "status.json"))["status"] == "done"
     assert json.loads(service.stored(analysis_id, "summary.json")) == summary
+
+
+def test_a_foundation_preset_package_is_served(service):
+    """A package of a public foundation model's preset is rebuilt by the replicas from its model.yaml
+    alone (architecture, normalisation, pooling) and analyses a slide at the preset's tiles."""
+    kaiko = {m["id"]: m for m in service.client.get("/v1/models").json()["models"]}["kaiko"]
+    assert (kaiko["engine"], kaiko["preset"], kaiko["tile_size"], kaiko["mpp"]) == (
+        "foundation",
+        "kaiko_vits16",
+        224,
+        0.5,
+    )
+    doc = service.wait(
+        service.post({"slide": f"{service.slides}/slide_000.svs", "model": "kaiko"}).json()["id"]
+    )
+    assert doc["status"] == "done", doc
+    summary = service.client.get(doc["links"]["summary.json"]).json()
+    assert summary["model"] == "kaiko" and summary["tiles"] == summary["tiles_done"] > 0
 
 
 def test_remote_client_analyses_a_slide_in_the_bucket_with_a_second_model(service, tmp_path):

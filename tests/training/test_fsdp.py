@@ -34,6 +34,7 @@ def test_fsdp_trains_sharded_resumes_and_exports_a_plain_model(ray_local, projec
         "train.weights_digest=true",
         config="gleason-foundation.yaml",
     )
+    (Path(tempfile.gettempdir()) / f"pathray-failed-{name}").unlink(missing_ok=True)  # an earlier session's
     result = run_training(cfg)
 
     # each rank held half of the parameters, and the gathered weights agree on both ranks

@@ -28,8 +28,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ddp_ranks_agree(ray_loc
         "train.eval_split=null",
         "train.weights_digest=true",
     )
-    result = run_training(cfg)
     marker = Path(__import__("tempfile").gettempdir()) / f"pathray-failed-{name}"
+    marker.unlink(missing_ok=True)  # a marker left by an earlier session would spare the worker
+    result = run_training(cfg)
     assert marker.read_text() == "killed", "the worker process was really killed once"
     history = [json.loads(line) for line in Path(result.paths["history"]).read_text().splitlines()]
     steps = [row["step"] for row in history]
@@ -64,6 +65,7 @@ def test_a_run_that_dies_keeps_its_history_and_showed_it_live(ray_local, project
         "run.max_failures=0",
         "train.eval_split=null",
     )
+    (Path(__import__("tempfile").gettempdir()) / f"pathray-failed-{name}").unlink(missing_ok=True)
     seen: list[dict] = []
     with pytest.raises(ray.train.TrainingFailedError):
         run_training(cfg, progress=seen.append)

@@ -43,7 +43,10 @@ class ModelInfo(BaseModel):
     id: str
     task: str | None
     engine: str | None
+    preset: str | None = Field(None, description="the public foundation model's preset, if any")
     classes: list[str] | None
+    tile_size: int | None = Field(None, description="px of the tiles the model reads")
+    mpp: float | None = Field(None, description="µm/px of the tiles the model reads")
 
 
 class ModelList(BaseModel):

@@ -77,10 +77,19 @@ class ModelStore:
         return ModelSpec.from_package(self.config(model_id), name=model_id)
 
     def describe(self, model_id: str) -> dict[str, Any]:
-        """What ``GET /v1/models`` shows of a model: task, engine, classes (from its config only)."""
+        """What ``GET /v1/models`` shows of a model: task, engine (and foundation preset), classes and
+        the tiles it reads (from its config only)."""
         config = self.config(model_id)
         task = ModelSpec.from_package(config, name=model_id).task
-        return {"id": model_id, "task": task.name, "engine": config.engine.name, "classes": task.classes}
+        return {
+            "id": model_id,
+            "task": task.name,
+            "engine": config.engine.name,
+            "preset": config.engine.preset,
+            "classes": task.classes,
+            "tile_size": config.input.tile_size,
+            "mpp": config.input.mpp,
+        }
 
 
 class ResultStore:
