@@ -27,8 +27,8 @@ SEED_TIME_RATIO = (0.50, 0.65)  # CNN inference time is 50-65 % of the foundatio
 def summary(table: Any, level: float = 0.95) -> Any:
     """One row per engine, fraction and workers: the mean over seeds and its interval.
 
-    With several seeds the interval is Student's t over the runs' scores; with one run it is that
-    run's bootstrap interval over its test slides.
+    With several seeds the interval is Student's t over the runs' scores (clipped to [0, 1]: few
+    seeds give wide intervals); with one run it is that run's bootstrap interval over its test slides.
     """
     import pandas as pd
     from scipy import stats
@@ -39,7 +39,7 @@ def summary(table: Any, level: float = 0.95) -> Any:
         n, mean = len(f1), float(f1.mean())
         if n > 1:
             half = float(stats.t.ppf(0.5 + level / 2, n - 1) * f1.std(ddof=1) / math.sqrt(n))
-            lo, hi = mean - half, mean + half
+            lo, hi = max(0.0, mean - half), min(1.0, mean + half)  # an F1 lies in [0, 1]
         else:
             lo, hi = float(group["macro_f1_lo"].iloc[0]), float(group["macro_f1_hi"].iloc[0])
         rows.append(
