@@ -412,12 +412,17 @@ def call(location: Location, storage: StorageConfig | None, method: str, *args: 
     Async filesystems (s3, gs, http) are also cut off when the seconds left run out.
     """
     fs = filesystem(location, storage)
-    bound = getattr(fs, "async_impl", False)
 
     def attempt(left: float) -> Any:
-        return getattr(fs, method)(*args, **kwargs, **({"timeout": left} if bound else {}))
+        return getattr(fs, method)(*args, **kwargs, **time_limit(fs, left))
 
     return retrying(location.uri, storage, attempt)
+
+
+def time_limit(fs: Any, left: float) -> dict[str, float]:
+    """The keyword that cuts an fsspec call off after ``left`` seconds: async filesystems (s3, gs,
+    http) take ``timeout``; the others have no such keyword (their own requests are bounded)."""
+    return {"timeout": left} if getattr(fs, "async_impl", False) else {}
 
 
 def translate_error(uri: str, exc: BaseException) -> StorageError:

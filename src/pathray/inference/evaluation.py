@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from pathray.inference.config import InferenceConfig
 from pathray.inference.grid import plan_grid
 from pathray.inference.outputs import NO_DATA
 from pathray.inference.predictor import Predictor
 from pathray.inference.stitch import Stitcher
-from pathray.models.metrics import CountAccumulator
+from pathray.models.metrics import CountAccumulator, confusion_matrix
 from pathray.models.points import DetectionMetric, point_counts
 from pathray.storage import StorageConfig
 from pathray.wsi.annotations.geometry import rasterize
@@ -142,9 +143,11 @@ def score_slide(
 
 
 def _confusion(truth: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
-    t, p = truth.reshape(-1).astype(np.int64), pred.reshape(-1).astype(np.int64)
-    keep = (t < n) & (p < n)
-    return np.bincount(t[keep] * n + p[keep], minlength=n * n).reshape(n, n).astype(np.float64)
+    """``confusion_matrix`` of two label arrays; NO_DATA (255) and other values outside the classes
+    are left out."""
+    return confusion_matrix(
+        torch.from_numpy(truth.astype(np.int64)), torch.from_numpy(pred.astype(np.int64)), n
+    )
 
 
 def _true_points(index: AnnotationIndex, classes: list[str]) -> np.ndarray:

@@ -25,6 +25,7 @@ from pathray.storage import (
     redact_logs,
     retrying,
     stat,
+    time_limit,
     translate_error,
 )
 from pathray.wsi.backends.errors import SlideAccessError, SlideNotFoundError, SlideReadError, as_slide_error
@@ -320,10 +321,9 @@ class RangeReader:
             return
         fs, path = self._fs, self.location.path
         assert fs is not None
-        bound = getattr(fs, "async_impl", False)
 
         def attempt(left: float) -> list[Any]:
-            limit = {"timeout": left} if bound else {}
+            limit = time_limit(fs, left)
             if hasattr(fs, "cat_ranges"):
                 starts, ends = [s for s, _, _ in spans], [e for _, e, _ in spans]
                 out = fs.cat_ranges([path] * len(spans), starts, ends, on_error="return", **limit)

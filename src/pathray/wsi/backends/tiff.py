@@ -14,16 +14,10 @@ import numpy as np
 
 from pathray.lru import LruCache
 from pathray.registry import SLIDE_BACKENDS
-from pathray.storage import Location, StorageConfig
+from pathray.storage import Location, StorageConfig, describe
 from pathray.wsi.backends.errors import SlideFormatError, SlideReadError
 from pathray.wsi.backends.ranges import RangeReader, open_file
 from pathray.wsi.backends.slide import FILL, Slide, to_rgb
-
-
-def describe(exc: BaseException) -> str:
-    """A reader exception as one line (some readers raise with an empty message)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass
