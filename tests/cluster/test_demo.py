@@ -47,7 +47,7 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
     import pandas as pd
 
     manifest = pd.read_parquet(tmp_path / "demo" / "manifest.parquet")
-    assert len(manifest) == 6 and set(manifest.split) == {"unlabelled", "train", "test"}
+    assert len(manifest) == 6 and set(manifest.split) == {"unlabelled", "train", "val", "test"}
     prefix = "s3://" if store == "s3" else str(tmp_path / "demo" / "store")
     assert all(uri.startswith(prefix) for uri in manifest.uri)
     masks = sorted((tmp_path / "demo" / "masks").glob("*.png"))
@@ -70,6 +70,10 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path, own_tmp, own_pids, store,
         report = (demo / "experiments" / "demo" / "report.md").read_text()
         assert "## 1. The foundation model is 14-26 % better" in report and "ratio" in report
         assert "ratio" in out.stdout and "macro_f1_lo" in out.stdout
+        # F1 against iterations on the val slide, and each run tested with its best val checkpoint
+        assert "F1 against iterations, on the val slides" in out.stdout
+        assert "| cnn | 1 | " in report.split("## F1 against iterations")[1]
+        assert (table.chosen_step > 0).all() and (table.chosen_step <= steps).all()
         # The better model was served and a held-out slide analysed over HTTP.
         summary = json.loads((demo / "analysis" / "summary.json").read_text())
         held_out = manifest[manifest.split == "test"].uri.iloc[0]

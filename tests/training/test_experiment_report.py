@@ -63,3 +63,24 @@ def test_the_report_says_which_seed_figures_hold():
     assert "ratio 0.60 (holds)" in report  # 1.2 / 2.0
     slower = study_report(table([(e, f, s, m, 1.0) for e, f, s, m, _ in rows]))
     assert "ratio 1.00 (does not hold)" in slower
+
+
+def test_f1_against_iterations_is_the_mean_over_seeds_of_each_checkpoints_val_score():
+    from pathray.training.experiment_report import iteration_curves
+
+    t = table([("cnn", 1.0, 0, 0.5, 1.0), ("cnn", 1.0, 1, 0.6, 1.0), ("foundation", 1.0, 0, 0.7, 2.0)])
+    t["run_dir"] = ["/runs/c0", "/runs/c1", "/runs/f0"]
+    t["chosen_step"] = [20, 10, 20]
+    histories = {
+        "c0": [{"step": 10, "val/macro_f1": 0.2}, {"step": 10, "loss": 1}, {"step": 20, "val/macro_f1": 0.4}],
+        "c1": [{"step": 10, "val/macro_f1": 0.4}, {"step": 20, "val/macro_f1": 0.3}],
+        "f0": [{"step": 10, "val/macro_f1": 0.5}, {"step": 20, "val/macro_f1": float("nan")}],
+    }
+    curves = iteration_curves(t, histories).set_index(["engine", "step"])
+    assert curves.loc[("cnn", 10), "f1"] == pytest.approx(0.3) and curves.loc[("cnn", 10), "runs"] == 2
+    assert curves.loc[("cnn", 20), "f1"] == pytest.approx(0.35)
+    assert ("foundation", 20) not in curves.index  # a checkpoint that scored nothing is left out
+    report = study_report(t, curves=iteration_curves(t, histories))
+    assert "| cnn | 1 | 0.300 | 0.350 | 20, 10 |" in report
+    assert "| foundation | 1 | 0.500 |  | 20 |" in report
+    assert "No run scored val slides" in study_report(t, curves=iteration_curves(t, {}))

@@ -22,12 +22,14 @@ from pathray.storage import StorageConfig
 
 def demo_splits(n: int) -> list[str]:
     """Scarce annotations, as in the seed's setting: a sixth of the slides (one at least) is held out
-    for the whole-slide test, a third (one at least) is labelled for fine-tuning, and DINO pretrains on
-    the rest, unlabelled. The synthetic labels cycle, so each consecutive run spans the classes."""
+    for the whole-slide test, a twelfth (one at least) is the val split that chooses each run's
+    checkpoint, a third (one at least) is labelled for fine-tuning, and DINO pretrains on the rest,
+    unlabelled. The synthetic labels cycle, so each consecutive run spans the classes."""
     test = max(1, round(n / 6))
+    val = max(1, round(n / 12))
     train = max(1, round(n / 3))
-    unlabelled = max(0, n - test - train)
-    return ["unlabelled"] * unlabelled + ["train"] * train + ["test"] * test
+    unlabelled = max(0, n - test - val - train)
+    return ["unlabelled"] * unlabelled + ["train"] * train + ["val"] * val + ["test"] * test
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,11 @@ def demo_configs(out: Path, manifest_uri: str, steps: int) -> tuple[ProjectConfi
             "data.stream.sampler.tiles_per_slide=64",
             f"train.steps={steps}",
             "train.eval_tiles_per_slide=24",
+            "train.val_tiles_per_slide=24",
             "optim.lr=3e-4",
             "optim.warmup_steps=5",
-            f"run.checkpoint_every={steps}",
+            f"run.checkpoint_every={max(5, steps // 4)}",  # val scores: F1 against iterations
+            "run.keep_checkpoints=1",
         ],
     )
     return dino, seg
@@ -155,8 +157,11 @@ def run_demo_experiment(
     cells = summary(result.table)
     console.print(markdown_table(cells, list(SUMMARY_COLUMNS)))
     report = Path(result.paths["report"]).read_text()
+    shown = ("## 1", "## 2", "## 3", "- at ", "- foundation at", "- seconds per")
+    curves = False  # inside the F1-against-iterations section: its table is shown whole
     for line in report.splitlines():
-        if line.startswith(("## 1", "## 2", "## 3", "- at ", "- foundation at", "- seconds per")):
+        curves = line.startswith("## F1 against") or (curves and not line.startswith("## "))
+        if (curves and line.strip()) or line.startswith(shown):
             console.print(line.removeprefix("## "))
     at_full = cells[cells["fraction"] == 1.0].sort_values("macro_f1", ascending=False).iloc[0]
     runs = result.table[(result.table["fraction"] == 1.0) & (result.table["engine"] == at_full["engine"])]

@@ -75,6 +75,15 @@ class TrainConfig(Section):
         "with bootstrap intervals; tiles: random tissue tiles per slide (quick)",
     )
     eval_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the test slides")
+    val_split: str | None = Field(
+        "val",
+        description="manifest split scored at every checkpoint (fixed, unaugmented tiles): the checkpoint "
+        "with the best score is the one kept, exported and tested; null, or no such slides: the last",
+    )
+    val_tiles_per_slide: int = Field(32, ge=1, description="tiles per val slide scored at each checkpoint")
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="stop after this many val scores in a row without a better one; null: never"
+    )
     seed: int = 0
     fail_at_step: int | None = Field(None, description="testing aid: SIGKILL one worker once at this step")
     fail_rank: int = 1

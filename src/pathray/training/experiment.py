@@ -116,6 +116,7 @@ def cell_row(cfg: ProjectConfig, result: Any, seconds: float) -> dict[str, Any]:
         "workers": cfg.scale.workers,
         "seed": cfg.train.seed,
         "steps": cfg.train.steps,
+        "chosen_step": m.get("chosen_step", m.get("steps_trained", cfg.train.steps)),  # the val's pick
         "macro_f1": m.get("test/macro_f1", nan),
         "macro_f1_lo": m.get("test/macro_f1_lo", nan),  # bootstrap over the test slides
         "macro_f1_hi": m.get("test/macro_f1_hi", nan),

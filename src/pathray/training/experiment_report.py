@@ -58,8 +58,11 @@ def summary(table: Any, level: float = 0.95) -> Any:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-def study_report(table: Any, foundation: str = "foundation", cnn: str = "cnn") -> str:
-    """report.md: the seed's three questions answered from this experiment, beside its figures."""
+def study_report(
+    table: Any, foundation: str = "foundation", cnn: str = "cnn", curves: Any = None
+) -> str:
+    """report.md: the seed's three questions answered from this experiment, beside its figures
+    (``curves``: :func:`iteration_curves`, for F1 against iterations)."""
     s = summary(table)
     lines = ["# The seed's study, reproduced", ""]
     lines += [
@@ -68,6 +71,8 @@ def study_report(table: Any, foundation: str = "foundation", cnn: str = "cnn") -
         "",
         markdown_table(s, list(SUMMARY_COLUMNS)),
     ]
+    if curves is not None:
+        lines += curves_section(curves, table)
     engines = set(s["engine"])
     if not {foundation, cnn} <= engines:
         lines.append(f"The comparisons need both a `{foundation}` and a `{cnn}` engine in the grid.")
@@ -118,6 +123,46 @@ def study_report(table: Any, foundation: str = "foundation", cnn: str = "cnn") -
     return "\n".join(lines) + "\n"
 
 
+def iteration_curves(
+    table: Any, histories: dict[str, list[dict[str, Any]]], key: str = "val/macro_f1"
+) -> Any:
+    """F1 against iterations on val: per engine, fraction and checkpoint step, the mean over seeds
+    of ``key`` (empty when no run scored val tiles)."""
+    import pandas as pd
+
+    rows = []
+    for run in table.itertuples():
+        for h in histories.get(Path(str(run.run_dir)).name, []):
+            if key in h and math.isfinite(float(h[key])):
+                rows.append({"engine": run.engine, "fraction": run.fraction, "step": h["step"], "f1": h[key]})
+    if not rows:
+        return pd.DataFrame(columns=["engine", "fraction", "step", "f1", "runs"])
+    frame = pd.DataFrame(rows).groupby(["engine", "fraction", "step"], sort=True)["f1"]
+    return frame.agg(f1="mean", runs="count").reset_index()
+
+
+def curves_section(curves: Any, table: Any) -> list[str]:
+    """report.md's answer to "F1 against iterations": val macro F1 at every checkpoint."""
+    lines = ["", "## F1 against iterations, on the val slides", ""]
+    if curves.empty:
+        return [*lines, "No run scored val slides (no `val` split, or `train.val_split` is null)."]
+    steps = sorted(set(curves["step"]))
+    lines.append("| engine | fraction | " + " | ".join(f"step {s}" for s in steps) + " | kept step |")
+    lines.append("|" + "---|" * (len(steps) + 3))
+    for (engine, fraction), g in curves.groupby(["engine", "fraction"], sort=True):
+        at = dict(zip(g["step"], g["f1"], strict=True))
+        cells = [f"{at[s]:.3f}" if s in at else "" for s in steps]
+        kept = table[(table["engine"] == engine) & (table["fraction"] == fraction)].get("chosen_step")
+        kept_text = ", ".join(str(int(k)) for k in kept) if kept is not None else ""
+        lines.append(f"| {engine} | {fraction:g} | " + " | ".join(cells) + f" | {kept_text} |")
+    lines += [
+        "",
+        "Mean over seeds of the macro F1 of fixed val tiles at each checkpoint; each run kept (and was "
+        "tested with) the checkpoint of its best val score.",
+    ]
+    return lines
+
+
 def _verdict(holds: bool, direction: bool, separated: bool) -> str:
     if holds and separated:
         return "holds, intervals apart"
@@ -157,7 +202,8 @@ def write_report(table: Any, histories: dict[str, list[dict[str, Any]]], root: P
     paths["table"].write_text(
         markdown_table(table) + "\n" + markdown_table(summary(table), list(SUMMARY_COLUMNS))
     )
-    paths["report"].write_text(study_report(table))
+    curves = iteration_curves(table, histories)
+    paths["report"].write_text(study_report(table, curves=curves))
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for engine, g in summary(table).groupby("engine"):
@@ -174,14 +220,17 @@ def write_report(table: Any, histories: dict[str, list[dict[str, Any]]], root: P
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, history in histories.items():
-        points = [(h["step"], h["train/macro_f1"]) for h in history if "train/macro_f1" in h]
-        if points:
-            ax.plot(*zip(*points, strict=True), label=name)
+    source = "val slides"
+    if curves.empty:  # no val split: the training batches' F1 is all there is
+        curves, source = iteration_curves(table, histories, "train/macro_f1"), "training batches"
+    for (engine, fraction), g in curves.groupby(["engine", "fraction"], sort=True):
+        ax.plot(g["step"], g["f1"], marker="o", label=f"{engine} {100 * fraction:.0f} %")
     for row in table.itertuples():
-        ax.scatter([row.steps], [row.macro_f1], marker="*", s=80)
+        ax.scatter([row.chosen_step], [row.macro_f1], marker="*", s=80)
     ax.set(
-        xlabel="iteration", ylabel="macro F1 (lines: training batches; stars: test)", title="F1 vs iteration"
+        xlabel="iteration",
+        ylabel=f"macro F1 (lines: {source}, mean over seeds; stars: test)",
+        title="F1 vs iteration",
     )
     ax.legend(fontsize=6)
     fig.tight_layout()

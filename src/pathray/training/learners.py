@@ -58,6 +58,7 @@ class Learner(Protocol):
     """What the training loop calls, step by step."""
 
     exports_package: ClassVar[bool]
+    validates: ClassVar[bool]  # scores val tiles at checkpoints, and the best checkpoint is kept
     model: nn.Module
     trainable: nn.Module
     task: TaskSpec
@@ -67,6 +68,7 @@ class Learner(Protocol):
     def after_step(self, progress: float) -> None: ...
     def state(self) -> dict[str, Any]: ...
     def load(self, saved: dict[str, Any]) -> None: ...
+    def validate(self, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]: ...
 
     @staticmethod
     def evaluate(
@@ -81,6 +83,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def detach(outputs: Any) -> Any:
+    """Model outputs without their graph, as float (tensors inside dicts and sequences too)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach().float()
+    if isinstance(outputs, dict):
+        return {k: detach(v) for k, v in outputs.items()}
+    if isinstance(outputs, list | tuple):
+        return type(outputs)(detach(v) for v in outputs)
+    return outputs
+
+
 def build_learner(job: WorkerJob) -> Learner:
     """The learner the job's task trains with (``TaskSpec.learner``)."""
     return LEARNERS.get(job.task.learner)(job.engine, job.task)
@@ -91,6 +104,7 @@ class SupervisedLearner:
     """Segmentation, classification, detection, instance: one model, one loss; exports a package."""
 
     exports_package = True
+    validates = True
 
     def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
         from pathray.models.task_model import build_model
@@ -114,6 +128,21 @@ class SupervisedLearner:
     def load(self, saved: dict[str, Any]) -> None:
         load_model_state(self.trainable, saved["model"])
 
+    def validate(self, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+        """The task's metrics on fixed val batches, the model in eval mode (a sharded model's forward
+        is a collective: every rank calls this then)."""
+        model = unwrap(self.trainable)
+        metric = self.task.metrics()
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    metric.update(detach(model(batch["image"])), batch)
+        finally:
+            model.train()
+        return {k: float(v) for k, v in metric.compute().items()}
+
     @staticmethod
     def evaluate(
         engine: EngineConfig, task: TaskSpec, checkpoint: Path, tiles: EvalTiles
@@ -135,6 +164,7 @@ class DinoLearner:
     """
 
     exports_package = False
+    validates = False  # its scores (RankMe, probes) are computed once the run ends
 
     def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
         from pathray.models.dino import DinoModel, make_teacher
@@ -186,6 +216,9 @@ class DinoLearner:
         load_model_state(self.trainable, saved["model"])
         load_model_state(self.teacher, saved["teacher_model"])
         self.task.load_state_dict(saved["task"])
+
+    def validate(self, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+        return {}
 
     @staticmethod
     def evaluate(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pathray.storage import StorageError, join_uri, write_text
-from pathray.training.learners import Learner, WorkerJob, build_learner, unwrap
+from pathray.training.learners import Learner, WorkerJob, build_learner, detach, unwrap
 from pathray.training.outputs import HISTORY_FILE
 from pathray.training.parallel import (
     full_parameters,
@@ -96,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pathray.training.evaluate import load_checkpoint
 
     job: WorkerJob = config["job"]
+    val = Validation(ray.get(config["val"])) if config.get("val") is not None else None
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     learner = build_learner(job)  # engine.finetune applied: only what trains needs gradients
@@ -113,6 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         state = {"step": int(saved["step"]), "epoch": int(saved["epoch"])}
         history = list(saved["history"])
+    if val is not None:
+        val.restore(history)
     bf16 = device.type == "cuda" and job.scale.precision == "bf16"
     steps, accum = job.train.steps, job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
@@ -122,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = learner.task.metrics()  # training metrics over the steps since the last report
     micro = 0
     learner.trainable.train()
-    while state["step"] < steps:
+    while state["step"] < steps and not state.get("stopped"):
         delivered = False
         tick = time.perf_counter()
         for batch in shard.iter_torch_batches(
@@ -140,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss, outputs = learner.loss(batch, progress)
             (loss / accum).backward()
             with torch.no_grad():
-                window.update(_detach(outputs), batch)
+                window.update(detach(outputs), batch)
             micro += 1
             if micro % accum == 0:
                 if job.optim.clip_grad:
@@ -156,24 +159,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro % accum == 0:
                 timing = {"data": t_data, "step": t_step, "steps": state["step"] - first_step}
                 if _after_optimizer_step(
-                    job, learner, optimizer, scheduler, state, losses, window, history, timing, rank
+                    job, learner, optimizer, scheduler, state, losses, window, history, timing, rank, val
                 ):
                     window = learner.task.metrics()
-                if state["step"] >= steps:
+                if state["step"] >= steps or state.get("stopped"):
                     break
             tick = time.perf_counter()
         if not delivered:
             raise RuntimeError("the training stream delivered no tiles: check the manifest's train split")
-
-
-def _detach(outputs: Any) -> Any:
-    if isinstance(outputs, torch.Tensor):
-        return outputs.detach().float()
-    if isinstance(outputs, dict):
-        return {k: _detach(v) for k, v in outputs.items()}
-    if isinstance(outputs, list | tuple):
-        return type(outputs)(_detach(v) for v in outputs)
-    return outputs
 
 
 def _after_optimizer_step(
@@ -187,8 +180,10 @@ def _after_optimizer_step(
     history: list[dict[str, Any]],
     timing: dict[str, float],
     rank: int,
+    val: Validation | None = None,
 ) -> bool:
-    """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end.
+    """Report every ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end; score
+    the val tiles at each checkpoint (and stop early when ``train.early_stop_patience`` says so).
 
     Returns whether it reported (the caller then starts a new metric window).
     """
@@ -215,6 +210,11 @@ def _after_optimizer_step(
         "params_local_share": local_share(learner.trainable),
         **{f"train/{k}": float(v) for k, v in window.compute().items()},
     }
+    if checkpointing and val is not None:
+        metrics.update(val.score(learner, job, rank))
+        if val.stale >= (job.train.early_stop_patience or math.inf):
+            state["stopped"] = True
+            metrics["stopped_early"] = 1.0
     history.append(metrics)
     losses.clear()
     if rank == 0:
@@ -226,6 +226,58 @@ def _after_optimizer_step(
     else:
         ray.train.report(metrics)
     return True
+
+
+class Validation:
+    """The val tiles (fixed, unaugmented batches the driver drew once) and the best score so far.
+
+    Every rank keeps the same record: rank 0 scores (all ranks, when the model is sharded, since
+    its forward is a collective) and the score is broadcast.
+    """
+
+    KEY = "val/score"
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+        self.best = -math.inf
+        self.stale = 0  # scores since the best one
+
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Best score and staleness of a restored run, from its history."""
+        for row in history:
+            if self.KEY in row:
+                self._record(float(row[self.KEY]))
+
+    def _record(self, score: float) -> None:
+        if score > self.best:
+            self.best, self.stale = score, 0
+        else:
+            self.stale += 1
+
+    def score(self, learner: Learner, job: WorkerJob, rank: int) -> dict[str, float]:
+        """``val/<metric>`` of every task metric, and ``val/score``: the task's score (-1 when it is
+        NaN, so a checkpoint that scored nothing ranks last)."""
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        scores: dict[str, float] = {}
+        if rank == 0 or is_sharded(learner.trainable):
+            scores = learner.validate(self.batches, device)
+        value = scores.get(job.task.score, math.nan)
+        value = _broadcast(-1.0 if math.isnan(value) else value, device)
+        self._record(value)
+        return {**{f"val/{k}": v for k, v in scores.items()}, self.KEY: value}
+
+
+def _broadcast(value: float, device: Any) -> float:
+    """Rank 0's ``value`` on every rank (itself when there is no process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def write_history(job: WorkerJob, history: list[dict[str, Any]]) -> None:

@@ -90,7 +90,7 @@ def run_training(
     from pathray.datasets.stream import build_tile_dataset
     from pathray.registry import LEARNERS
     from pathray.training.evaluate import EvalTiles
-    from pathray.training.loop import train_loop_per_worker
+    from pathray.training.loop import Validation, train_loop_per_worker
     from pathray.training.outputs import write_run_outputs
     from pathray.training.progress import HistoryWatcher
 
@@ -127,10 +127,13 @@ def run_training(
         )
 
     job = WorkerJob.from_project(cfg)
+    learner = LEARNERS.get(task.learner)
+    val_batches = val_tiles(cfg, manifest, task) if learner.validates else None
+    scored = val_batches is not None
     resources = {"CPU": cfg.scale.cpus_per_worker, **(cfg.scale.resources_per_worker or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "val": ray.put(val_batches) if scored else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.workers,
             use_gpu=cfg.scale.use_gpu,
@@ -142,7 +145,11 @@ def run_training(
             storage_path=ray_storage_path,
             storage_filesystem=ray_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # with val scores, the best checkpoints are kept (and the latest, which a restart needs)
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute=Validation.KEY if scored else None,
+            ),
         ),
         datasets={"train": train_dataset},
     )
@@ -151,12 +158,16 @@ def run_training(
     else:
         with HistoryWatcher(run_dir, cfg.storage, progress):
             result = trainer.fit()
-    checkpoint = result.checkpoint
     metrics: dict[str, Any] = {"steps": cfg.train.steps, **{k: v for k, v in (result.metrics or {}).items()}}
     history: list[dict[str, Any]] = []
     paths: dict[str, str] = {}
+    if result.checkpoint is not None:  # the latest holds the whole history
+        with result.checkpoint.as_directory() as d:
+            if (Path(d) / "history.json").exists():
+                history = json.loads((Path(d) / "history.json").read_text())
+    checkpoint = best_checkpoint(result) if scored else result.checkpoint
     if checkpoint is not None:
-        learner = LEARNERS.get(task.learner)
+        metrics["steps_trained"] = max((int(h["step"]) for h in history), default=cfg.train.steps)
         tiles = EvalTiles(
             manifest,
             cfg.data.stream,
@@ -169,17 +180,62 @@ def run_training(
             cfg.train.eval_bootstrap,
         )
         with checkpoint.as_directory() as d:
-            if (Path(d) / "history.json").exists():
-                history = json.loads((Path(d) / "history.json").read_text())
+            kept = json.loads((Path(d) / "state.json").read_text())["step"]
+            if scored:
+                metrics.update(chosen_step=kept, **{"val/best_score": _score_at(history, kept)})
+            # the test split is scored once, here, by the kept checkpoint
             evaluation = learner.evaluate(cfg.engine, task, Path(d), tiles)
             if evaluation:
                 metrics.update(evaluation)
-                history.append({"step": cfg.train.steps, **{f"eval/{k}": v for k, v in evaluation.items()}})
+                history.append({"step": kept, **{f"eval/{k}": v for k, v in evaluation.items()}})
             if learner.exports_package:
                 paths["model"] = export_model(cfg, task, Path(d), join_uri(run_dir, "model"), metrics)
     paths.update(write_run_outputs(run_dir, cfg, history, metrics))
     saved = checkpoint_uri(checkpoint, storage_path) if checkpoint is not None else None
     return TrainResult(run_dir, saved, metrics, paths)
+
+
+def val_tiles(cfg: ProjectConfig, manifest: Any, task: Any) -> list[dict[str, Any]] | None:
+    """The val split's fixed, unaugmented tile batches a run scores at every checkpoint; None when
+    there is nothing to score (no ``train.val_split``, no such annotated slides, or a run that trains
+    on every split)."""
+    from pathray.training.evaluate import EvalTiles
+
+    split = cfg.train.val_split
+    if split is None or cfg.data.split is None or split == cfg.data.split:
+        return None
+    tiles = EvalTiles(
+        manifest,
+        cfg.data.stream,
+        cfg.storage,
+        cfg.tissue,
+        split,
+        cfg.train.val_tiles_per_slide,
+        cfg.train.batch_size,
+        "tiles",
+    )
+    if not tiles.slides():
+        return None
+    return list(tiles.batches(task, "random_tissue")) or None
+
+
+def best_checkpoint(result: Any) -> Any:
+    """The kept checkpoint with the best val score (the latest when none was scored)."""
+    from pathray.training.loop import Validation
+
+    kept = result.best_checkpoints or []
+    scored = [(m[Validation.KEY], m["step"], c) for c, m in kept if Validation.KEY in m]
+    if not scored:
+        return result.checkpoint
+    # ties go to the later step: the longer-trained model, as good on val
+    return max(scored, key=lambda item: item[:2])[2]
+
+
+def _score_at(history: list[dict[str, Any]], step: int) -> float:
+    from pathray.training.loop import Validation
+
+    rows = [h[Validation.KEY] for h in history if h.get("step") == step and Validation.KEY in h]
+    return float(rows[-1]) if rows else float("nan")
 
 
 def export_model(

@@ -89,7 +89,8 @@ class TaskSpec:
     Class attributes describe the task to the code that runs it: ``learner`` names the training
     learner (``pathray.training.learners``), ``output`` what a slide analysis stitches, ``views``
     whether the stream delivers multi-crop views instead of ``(image, target)``, and
-    ``class_targets`` whether targets are class indices (a constant predictor is then a baseline).
+    ``class_targets`` whether targets are class indices (a constant predictor is then a baseline),
+    and ``score`` which of its metrics (higher is better) chooses among a run's checkpoints.
     """
 
     config_type: ClassVar[type[TaskConfigBase]] = TaskConfigBase
@@ -97,6 +98,7 @@ class TaskSpec:
     output: ClassVar[Output] = Output()
     views: ClassVar[bool] = False
     class_targets: ClassVar[bool] = False
+    score: ClassVar[str] = "macro_f1"
 
     def __init__(self, config: TaskConfigBase) -> None:
         self.config = config

@@ -38,6 +38,7 @@ class InstanceTask(TaskSpec):
 
     config_type = InstanceConfig
     output = Output(class_map=True, points=True)
+    score = "pq"  # panoptic quality: detection and segmentation quality of the nuclei in one
     config: InstanceConfig
 
     @property

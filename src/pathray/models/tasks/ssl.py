@@ -39,6 +39,7 @@ class SslTask(TaskSpec):
     config_type = SslConfig
     learner = "dino"
     views = True
+    score = "rankme"
     config: SslConfig
 
     def __init__(self, config: SslConfig) -> None:
