@@ -65,7 +65,7 @@ HF_CONFIGS = {  # the published architectures, two blocks deep
         intermediate_size=3072,
         image_size=224,
         patch_size=16,
-        layer_norm_eps=1e-12,
+        layer_norm_eps=1e-6,  # Phikon's published config (iBOT's eps), not transformers' 1e-12 default
     ),
     "phikon_v2": dict(
         hidden_size=1024,
@@ -151,6 +151,7 @@ def test_embed_equals_transformers_vit(tmp_path: Path):
         intermediate_size=256,
         image_size=224,
         patch_size=16,
+        layer_norm_eps=1e-6,
     )
     reference = transformers.ViTModel(cfg).eval()
     randomise(reference)

@@ -49,7 +49,7 @@ def timm_kwargs(preset: FoundationPreset) -> dict[str, Any]:
 
 def resolve_layers(model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor arguments with layers named by strings (``mlp_layer: swiglu_packed``,
-    ``act_layer: silu``, ``norm_eps: 1e-12``) turned into the classes timm takes."""
+    ``act_layer: silu``, ``norm_eps: 1e-6``) turned into the classes timm takes."""
     kwargs: dict[str, Any] = {}
     for key, value in model_kwargs.items():
         if key == "norm_eps":
