@@ -9,6 +9,7 @@ pathray slides synth out/ --n 8 --seed 0 --size 20000
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -31,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=value")]
 MppOpt = Annotated[float | None, typer.Option(help="override the level-0 µm/px")]
+DashboardOpt = Annotated[
+    bool, typer.Option("--dashboard", help="start the local Ray dashboard (on 127.0.0.1) and print its URL")
+]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -69,7 +73,7 @@ def _experiment(config: Path, overrides: list[str]) -> tuple[Any, Any]:
     return exp, (cells[0] if cells else PathrayConfig()).storage
 
 
-def _start_ray(storage: Any, trains: bool = False) -> None:
+def _start_ray(storage: Any, trains: bool = False, dashboard: bool = False) -> None:
     """Attach to ``RAY_ADDRESS`` or start a local Ray; credentials given in the config are put into
     this process's environment first, where a local Ray's workers read them (never in their config).
 
@@ -79,6 +83,9 @@ def _start_ray(storage: Any, trains: bool = False) -> None:
     .../libtorch_cpu.so", Ray 2.60 + torch 2.13), and importing timm reads the working directory,
     which the job's runtime env may have removed by the time training ends (seen with two nodes
     sharing one machine's temp dir).
+
+    ``dashboard``: a local Ray starts its dashboard on 127.0.0.1; its URL (or an attached cluster's)
+    is printed on stderr.
     """
     from pathray.cluster.ray_local import ensure_ray
 
@@ -88,7 +95,11 @@ def _start_ray(storage: Any, trains: bool = False) -> None:
         import_timm()
 
     storage.export_env()
-    ensure_ray()
+    url = ensure_ray(dashboard=dashboard)
+    if url:
+        # Ray's token auth (on by default for a local Ray) guards the dashboard's API too.
+        signin = "  (sign in with `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+        typer.echo(f"Ray dashboard: {url}{signin}", err=True)
 
 
 @slides_app.command("info")
@@ -267,13 +278,19 @@ def train(
         Path, typer.Argument(help="project config (YAML): engine, task, data, optim, scale, run")
     ],
     overrides: SetOpt = None,
+    dashboard: DashboardOpt = False,
 ) -> None:
-    """Train the project's engine on its task with Ray Train; evaluate on the test split."""
+    """Train the project's engine on its task with Ray Train; evaluate on the test split.
+
+    ``--set tracking.mlflow=true`` records the run in MLflow too (``tracking.uri``: where).
+    """
     from pathray.training.progress import progress_line
+    from pathray.training.tracking import check_tracking
     from pathray.training.trainer import run_training
 
     cfg = _config(config, overrides)
-    _start_ray(cfg.storage, trains=True)
+    check_tracking(cfg.tracking)
+    _start_ray(cfg.storage, trains=True, dashboard=dashboard)
     result = run_training(cfg, progress=lambda row: typer.echo(progress_line(row, cfg.train.steps), err=True))
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
     for key, value in shown.items():
@@ -291,17 +308,22 @@ def experiment_cmd(
         Path, typer.Argument(help="experiment config (YAML): base project, engines, fractions, workers")
     ],
     overrides: SetOpt = None,
+    dashboard: DashboardOpt = False,
 ) -> None:
     """Run a grid of training runs (engines x training fractions x workers); write a table and plots."""
     from pathray.training.experiment import run_experiment
+    from pathray.training.progress import progress_line
 
     exp, storage = _experiment(config, overrides or [])
-    _start_ray(storage, trains=True)
+    _start_ray(storage, trains=True, dashboard=dashboard)
 
     def progress(done: int, total: int, name: str) -> None:
         typer.echo(f"[{done}/{total}] {name}" if name else f"[{done}/{total}] done", err=True)
 
-    result = run_experiment(exp, progress=progress)
+    def step(cell: Any, row: dict[str, Any]) -> None:
+        typer.echo(f"{cell.run.name}  {progress_line(row, cell.train.steps)}", err=True)
+
+    result = run_experiment(exp, progress=progress, step_progress=step)
     from pathray.training.experiment_report import SUMMARY_COLUMNS, markdown_table, summary
 
     typer.echo(markdown_table(result.table))
@@ -354,6 +376,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     steps: Annotated[int, typer.Option(help="fine-tuning steps (DINO gets half); 0 skips training")] = 40,
     seeds: Annotated[int, typer.Option(help="repeats of every fine-tuning run (seeds 0..N-1)")] = 2,
+    dashboard: DashboardOpt = False,
 ) -> None:
     """Run pathray end to end on embedded defaults: nothing to set up but the install."""
     from pathray.demo.run import DemoOptions, run_demo
@@ -362,7 +385,11 @@ def demo(
         fail(f"--store must be 's3' or 'local', not {store!r}")
     if seeds < 1:
         fail(f"--seeds must be at least 1, not {seeds}")
-    run_demo(DemoOptions(out=out, store=store, n=n, size=size, seed=seed, steps=steps, seeds=seeds))
+    run_demo(
+        DemoOptions(
+            out=out, store=store, n=n, size=size, seed=seed, steps=steps, seeds=seeds, dashboard=dashboard
+        )
+    )
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Follow and stop jobs on a Ray cluster (Ray Jobs API).")

@@ -31,6 +31,7 @@ ROOT_SECTIONS = (
     "scale",
     "run",
     "train",
+    "tracking",
     "inference",
     "serve",
     "object_store",

@@ -44,15 +44,19 @@ def test_a_fraction_grid_writes_its_table_and_plots(ray_local, manifest_path, tm
     }
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(exp))
-    seen = []
+    seen, steps = [], {}
     result = run_experiment(
-        load_experiment(path), progress=lambda done, total, name: seen.append((done, total))
+        load_experiment(path),
+        progress=lambda done, total, name: seen.append((done, total)),
+        step_progress=lambda cell, row: steps.setdefault(cell.run.name, []).append(row["step"]),
     )
     table = pd.read_parquet(result.paths["results"])
     assert sorted(zip(table.engine, table.fraction, strict=True)) == [("debug_vit", 0.5), ("debug_vit", 1.0)]
     assert (table.steps == 3).all() and (table.workers == 1).all()
     assert table.macro_f1.between(0, 1).all() and (table.images_per_s > 0).all()
     assert seen[-1] == (2, 2)
+    # every cell's reports were shown live, once each, under the cell's name (what the CLI prints)
+    assert steps == {"tiny-debug_vit-f050-w1": [1, 2, 3], "tiny-debug_vit-f100-w1": [1, 2, 3]}
     # The half-fraction runs trained on 2 of the 4 training slides (nested, stratified).
     for run_dir in table.run_dir:
         cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())

@@ -6,29 +6,36 @@ import os
 from typing import Any
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None, **kwargs: Any) -> None:
+def ensure_ray(
+    num_cpus: int | None = None, address: str | None = None, dashboard: bool = False, **kwargs: Any
+) -> str | None:
     """``ray.init`` once: the cluster at ``address``/``RAY_ADDRESS`` if any, else a new local one.
 
     Without an address a new local Ray starts even when a ``ray start`` cluster runs on this
     machine (Ray itself would attach to that one): set ``RAY_ADDRESS=auto`` to attach to it.
 
-    A local Ray binds to 127.0.0.1, without the dashboard or usage reporting, and gets
-    progress bars off, so a laptop run and a test look the same as a cluster run.
+    A local Ray binds to 127.0.0.1, without usage reporting, and gets progress bars off, so a
+    laptop run and a test look the same as a cluster run. Its dashboard starts only with
+    ``dashboard`` (on 127.0.0.1 too; port 8265 or the next free one): it costs seconds and memory.
+
+    Returns the dashboard's URL when ``dashboard`` is set and one is known (a cluster's own
+    dashboard when attaching to one), else None.
     """
     import ray
     from ray.data import DataContext
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
     else:
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             log_to_driver=kwargs.pop("log_to_driver", True),
             **kwargs,
@@ -36,3 +43,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, **kwargs
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    url = getattr(context, "dashboard_url", None)
+    if not dashboard or not url:
+        return None
+    return url if "://" in url else f"http://{url}"

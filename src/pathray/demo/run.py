@@ -43,6 +43,7 @@ class DemoOptions:
     seed: int = 0
     steps: int = 40
     seeds: int = 2
+    dashboard: bool = False  # start the local Ray dashboard (127.0.0.1) and print its URL
 
 
 @contextlib.contextmanager
@@ -146,7 +147,15 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         trained: dict[str, Any] = {}
         if options.steps > 0:
             trained = train_in_demo(
-                out, manifest, manifest_path, storage, console, options.steps, prefix, options.seeds
+                out,
+                manifest,
+                manifest_path,
+                storage,
+                console,
+                options.steps,
+                prefix,
+                options.seeds,
+                dashboard=options.dashboard,
             )
     console.print(f"{'manifest:':28s} {manifest_path}")
     console.print(f"{'tissue masks:':28s} {out / 'masks'}")
@@ -182,6 +191,7 @@ def train_in_demo(
     steps: int,
     prefix: str,
     seeds: int = 1,
+    dashboard: bool = False,
 ) -> dict[str, Any]:
     """Train, then serve the better model and analyse a held-out slide over HTTP, on a local Ray
     that is stopped afterwards (nothing left behind)."""
@@ -193,7 +203,9 @@ def train_in_demo(
 
     started_here = not ray.is_initialized()
     with console.status("starting a local Ray (127.0.0.1)"):
-        ensure_ray(log_to_driver=False)
+        url = ensure_ray(log_to_driver=False, dashboard=dashboard)
+    if url:
+        console.print(f"Ray dashboard: {url}")
     for name in ("ray.data", "ray.serve", "ray.train"):  # the demo shows its own progress
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

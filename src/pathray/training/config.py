@@ -18,6 +18,7 @@ from pathray.models.tasks import SegmentationConfig, TaskSpec, build_task
 from pathray.registry import RegistryError
 from pathray.section import Section, deep_merge
 from pathray.storage import StorageConfig
+from pathray.training.tracking import TrackingConfig
 from pathray.wsi.patching import TissueConfig
 
 
@@ -102,6 +103,7 @@ class ProjectConfig(Section):
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     run: RunSection = Field(default_factory=RunSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,26 +144,35 @@ def _history(result: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def run_experiment(exp: ExperimentSection, progress: Any = None) -> ExperimentResult:
+def run_experiment(
+    exp: ExperimentSection,
+    progress: Callable[[int, int, str], None] | None = None,
+    step_progress: Callable[[ProjectConfig, dict[str, Any]], None] | None = None,
+) -> ExperimentResult:
     """Run every cell of the grid (``load_experiment``), one Ray Train run after another; write the
     table and plots.
 
     Every cell's config is validated before the first run starts. Needs a running Ray.
+    ``progress(done, total, name)`` sees each cell start; ``step_progress(cell, row)`` sees every
+    report of the running cell (step, loss, lr, tiles/s, data wait, ETA), as ``pathray train`` shows.
     """
     import pandas as pd
 
     from pathray.training.experiment_report import write_report
+    from pathray.training.tracking import check_tracking
     from pathray.training.trainer import run_training
 
     root = Path(exp.out) / exp.name
     cells = cell_configs(exp, root)
+    for cfg in cells:
+        check_tracking(cfg.tracking)  # a missing MLflow fails here, not after the first cell trained
     root.mkdir(parents=True, exist_ok=True)
     rows, histories = [], {}
     for i, cfg in enumerate(cells):
         if progress is not None:
             progress(i, len(cells), cfg.run.name)
         t0 = time.perf_counter()
-        result = run_training(cfg)
+        result = run_training(cfg, progress=None if step_progress is None else partial(step_progress, cfg))
         rows.append(cell_row(cfg, result, time.perf_counter() - t0))
         histories[cfg.run.name] = _history(result)
     if progress is not None:

@@ -93,7 +93,9 @@ def run_training(
     from pathray.training.loop import Validation, train_loop_per_worker
     from pathray.training.outputs import write_run_outputs
     from pathray.training.progress import HistoryWatcher
+    from pathray.training.tracking import check_tracking, track_run
 
+    check_tracking(cfg.tracking)  # before training, not after it
     if manifest is None:
         if not cfg.data.manifest:
             raise ValueError("data.manifest is not set")
@@ -191,6 +193,7 @@ def run_training(
             if learner.exports_package:
                 paths["model"] = export_model(cfg, task, Path(d), join_uri(run_dir, "model"), metrics)
     paths.update(write_run_outputs(run_dir, cfg, history, metrics))
+    paths.update(track_run(cfg, history, metrics, paths))
     saved = checkpoint_uri(checkpoint, storage_path) if checkpoint is not None else None
     return TrainResult(run_dir, saved, metrics, paths)
 
