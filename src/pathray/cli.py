@@ -292,7 +292,8 @@ def train(
     check_tracking(cfg.tracking)
     _start_ray(cfg.storage, trains=True, dashboard=dashboard)
     result = run_training(cfg, progress=lambda row: typer.echo(progress_line(row, cfg.train.steps), err=True))
-    shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k == "loss"}
+    kept = ("loss", "steps_trained", "stopped_early", "chosen_step", "val/best_score")
+    shown = {k: v for k, v in result.metrics.items() if k.startswith(("test/", "baseline/")) or k in kept}
     for key, value in shown.items():
         typer.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     typer.echo(f"run:        {result.run_dir}")

@@ -77,6 +77,10 @@ def test_early_stopping_ends_a_run_whose_val_score_stops_improving(ray_local, pr
     assert len(scores) == 2 and scores[0] == scores[1]
     assert result.metrics["steps_trained"] == 4 and result.metrics["stopped_early"] == 1.0
     assert result.metrics["chosen_step"] == 4
+    from pathray.training.progress import progress_line
+
+    last = [r for r in history if "val/score" in r][-1]
+    assert progress_line(last, 40).endswith(f"val {scores[1]:.3f}  (stopped early: no better val score)")
 
 
 def test_without_val_slides_the_last_checkpoint_is_kept(ray_local, project):

@@ -17,14 +17,20 @@ from pathray.training.outputs import HISTORY_FILE
 
 
 def progress_line(row: dict[str, Any], steps: int) -> str:
-    """One line for people: step, loss, learning rate, tiles/s, data wait and ETA."""
+    """One line for people: step, loss, learning rate, tiles/s, data wait and ETA; at checkpoints
+    the val score too (and that the run stopped early)."""
     eta = float(row.get("eta_s", 0.0))
     minutes, seconds = divmod(int(round(eta)), 60)
-    return (
+    line = (
         f"step {int(row['step'])}/{steps}  loss {float(row['loss']):.4f}  lr {float(row['lr']):.2e}  "
         f"tiles/s {float(row.get('tiles_per_s', 0.0)):.0f}  "
         f"data wait {100 * float(row.get('data_wait_share', 0.0)):.0f} %  ETA {minutes}:{seconds:02d}"
     )
+    if "val/score" in row:
+        line += f"  val {float(row['val/score']):.3f}"
+    if row.get("stopped_early"):
+        line += "  (stopped early: no better val score)"
+    return line
 
 
 class HistoryWatcher:
