@@ -44,12 +44,13 @@ def measure(name: str, device: str, n: int, batch: int, warmup: int, size: int) 
         for _ in range(calls):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 out = model.embed(tiles, batch_size=batch)
+            assert out.shape == (batch, model.info.dim)
         if cuda:
             torch.cuda.synchronize()
-        assert out.shape == (batch, model.info.dim)
         return time.perf_counter() - start
 
-    run(warmup)
+    if warmup:
+        run(warmup)
     calls = max(1, -(-n // batch))
     seconds = run(calls)
     row = {

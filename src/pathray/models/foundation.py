@@ -262,14 +262,15 @@ def load_foundation(
         name: a registered preset (``pathray.models.presets``) or a preset object.
         weights: see ``pathray.models.weights``; ``None`` builds a random model (with a warning).
         allow_partial: fnmatch patterns of keys that may be missing or unused.
-        device: where to put it (default CPU).
+        device: where to build it (default CPU): a random giant is initialised there, not on
+            the CPU first.
         **overrides: preset fields to change (``mean``, ``std``, ``pooling``, ``tile_size``,
             ``model_kwargs`` merged over the preset's).
     """
     preset = get_preset(name) if isinstance(name, str) else name
     if overrides:
         preset = preset.replace(**overrides)
-    backbone = build_backbone(preset, weights, allow_partial)
+    backbone = build_backbone(preset, weights, allow_partial, device=device)
     model = FoundationModel(preset, backbone)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -58,6 +58,16 @@ def wrap_model(model: nn.Module, strategy: str, ddp_kwargs: dict[str, Any] | Non
     model = model.to(ray.train.torch.get_device())
     if ray.train.get_context().get_world_size() == 1:
         return model  # as prepare_model does: nothing to shard over
+    return shard_model(model)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 over the default process group: each of ``shard_units`` a unit, then the root. Ray-free,
+    so a plain ``torch.distributed`` job (``benchmarks/fsdp_step.py``) shards exactly as training does.
+
+    Every parameter becomes a ``DTensor`` holding this rank's ``Shard(0)`` slice. A model built on
+    the meta device is sharded without allocating anything (its shards stay on meta).
+    """
     from torch.distributed.fsdp import fully_shard
 
     for unit in shard_units(model):
