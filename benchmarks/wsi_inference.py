@@ -1,38 +1,50 @@
-"""Seconds to analyse a whole synthetic slide: the pipelined predictor vs a naive read-predict-stitch loop.
+"""Whole-slide analysis against the model alone: how much of the model's speed the pipeline keeps.
 
-    python benchmarks/wsi_inference.py                    # CPU: 32768 px slide, debug_cnn, 128 px @ 1 µm/px
+    python benchmarks/wsi_inference.py                  # CPU: 32768 px slide, debug_cnn, 128 px @ 1 µm/px
     python benchmarks/wsi_inference.py --tile engine --store s3   # 64 px @ 2 µm/px, slide on SeaweedFS
-    python benchmarks/wsi_inference.py --gpu              # CUDA: ViT-S/16 (random init, bf16)
+    python benchmarks/wsi_inference.py --gpu            # CUDA: ViT-S/16 (random init, bf16), 16384 px slide
+    python benchmarks/wsi_inference.py --gpu --device cpu --size 1024 --model vit_tiny_patch16_224  # dry run
 
-CPU: both sides run the same model object on the same CPUs in this process, on the same tissue
-grid (the tissue mask is computed once, before either is timed). The naive loop reads one batch
-with ``read_batch``, predicts it, stitches it (area-pooled probabilities added into the class
-map), then reads the next; it gets the better of 1 torch thread and one per CPU. The pipelined
-side is ``analyze_slide``: reader threads cut tiles ahead, two model threads (one torch thread
-each, one chunk each) keep both cores busy, probabilities are reduced to the map's resolution next
-to the model. The default tile (128 px at 1 µm/px, read from the 1 µm level) makes reading a real
-share of the work, as at the resolutions models use; at the debug engine's own 64 px at 2 µm/px
-the whole level is 256 JPEG tiles and reading is nearly free. Rounds run both sides back to
-back (alternating which goes first); X is the median of the per-round ratios, which holds up
-better than best-of-each-side when other work shares the box.
-Last line: ``speedup_vs_naive=X tiles_per_s=Y`` (Y: the pipelined side's median round).
+CPU: the pipeline is ``analyze_slide`` (plan the tissue grid, read tiles on reader threads, batch,
+model, reduce and stitch the class map). The model alone is the same model object on the same
+tiles, read once beforehand and held in memory as its uint8 batches, on the same CPUs in this
+process, with the pipeline's layout (``--compute-threads`` model threads taking batches in turn,
+``--torch-threads`` torch threads; ``--model-layouts 1x2`` adds others, the best counts). The
+tissue mask is computed once before either side is timed. Rounds run both sides back to back
+(alternating which goes first); X is the median of the per-round ratios, which holds up better
+than best-of-each-side when other work shares the box; each round also prints the CPU seconds
+each side used (their ratio is the pipeline's overhead in work, whatever the load). A row per
+``--decode`` mode runs the pipeline with ``inference.decode`` set to it (default ``device``:
+compressed tiles fetched by range and decoded by ``tiledecode`` where the model runs). Last line:
 
-GPU (``--gpu``): ``analyze_slide`` with ViT-S/16 at 224 px, 0.5 µm/px, bf16 autocast, against the
-same model alone on random uint8 tensors already on the GPU. Last line:
-``analysis_vs_model=X tiles_per_s=Y model_tiles_per_s=Z``.
+    analysis_vs_model=X tiles_per_s=Y model_tiles_per_s=Z decode_device_vs_model=W
+
+GPU (``--gpu``): ``analyze_slide`` with ViT-S/16 at 224 px, 0.5 µm/px, bf16 autocast (default
+``decode: auto``, which is nvJPEG for JPEG tiles on CUDA), against the same model alone on the
+same tiles already on the GPU; a row per ``--decode`` mode (default ``cpu``: today's path, tiles
+decoded on CPU threads into pinned batches). Ray-free and needs neither tiffslide, zarr nor
+imagecodecs: the slide is written with PIL-encoded JPEG tiles and opened with
+``backend="tifffile"``. Needs torch, torchvision, timm, tifffile, PIL, PyYAML, safetensors and
+pydantic. Last line: ``analysis_vs_model=X tiles_per_s=Y model_tiles_per_s=Z decode_cpu_vs_model=W``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import pathray  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`: use its src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def synthetic_slide(cache: Path, size: int) -> Path:
@@ -70,39 +82,50 @@ def model_package(cache: Path, overrides: list[str], name: str) -> str:
     return str(uri)
 
 
-def naive(slide: Any, predictor: Any, plan: Any) -> np.ndarray:
-    """Read one batch, predict it, stitch it, next batch: one thread, no look-ahead."""
+def preload(slide: Any, plan: Any, batch: int, device: Any = "cpu") -> list[Any]:
+    """Every tile of the plan read once, as the model's uint8 ``(B, S, S, 3)`` batches on ``device``."""
     import torch
-    import torch.nn.functional as F
 
-    d = plan.downsample
-    k = max(1, round(plan.extent / d))
-    rows, cols = plan.map_shape
-    sums = np.zeros((len(predictor.spec.classes), rows + k, cols + k), np.float32)
-    bs = predictor.config.batch_size
-    for s in range(0, plan.n_tiles, bs):
-        xs, ys = plan.xs[s : s + bs], plan.ys[s : s + bs]
+    out = []
+    for s in range(0, plan.n_tiles, batch):
+        xs, ys = plan.xs[s : s + batch], plan.ys[s : s + batch]
         coords = [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
         tiles = np.stack(slide.read_batch(coords, plan.tile_size, plan.tile_mpp))
+        out.append(torch.from_numpy(tiles).to(device))
+    return out
+
+
+def model_alone(model: Any, batches: list[Any], workers: int, torch_threads: int) -> None:
+    """``model`` predicts every batch: ``workers`` threads, each on its own batches."""
+    import torch
+
+    def forward(x: Any) -> None:
         with torch.inference_mode():
-            probs = predictor.model(torch.from_numpy(tiles)).float().softmax(1)
-            small = F.adaptive_avg_pool2d(probs, k).numpy()
-        for p, x, y in zip(small, xs, ys, strict=True):
-            r, c = int(round(y / d)), int(round(x / d))
-            sums[:, r : r + k, c : c + k] += p
-    return sums[:, :rows, :cols].argmax(0).astype(np.uint8)
+            model(x)
+
+    torch.set_num_threads(torch_threads)
+    if workers == 1:
+        for x in batches:
+            forward(x)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(forward, batches))
+
+
+def timed(fn: Any, *args: Any) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``fn(*args)``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def bench_cpu(args: argparse.Namespace) -> None:
-
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     path = synthetic_slide(cache, args.size)
     overrides = [f"engine.name={args.engine}", "task.name=segmentation"]
     name = args.engine
-    if (
-        args.tile != "engine"
-    ):  # e.g. 224@0.5: the tile geometry of a real engine, with the debug engine's speed
+    if args.tile != "engine":  # e.g. 224@0.5: a real engine's tile geometry at the debug engine's speed
         size, mpp = args.tile.split("@")
         overrides += [f"data.stream.sampler.size={size}", f"data.stream.sampler.mpps=[{mpp}]"]
         name += f"_{size}_{mpp}"
@@ -127,65 +150,145 @@ def cpu_rounds(args: argparse.Namespace, uri: str, storage: Any, package: str) -
     from pathray.inference.predictor import Predictor
     from pathray.wsi.backends.open import open_slide
 
-    config = InferenceConfig(
-        batch_size=args.batch_size,
-        read_threads=args.read_threads,
-        device="cpu",
-        compute_threads=args.compute_threads,
-        torch_threads=args.torch_threads,
-    )
+    base = {
+        "batch_size": args.batch_size,
+        "device": "cpu",
+        "torch_threads": args.torch_threads,
+        "compute_threads": args.compute_threads,
+    }
+    if args.read_threads:
+        base["read_threads"] = args.read_threads
+    config = InferenceConfig(**base)
     predictor = Predictor.from_package(package, config=config)
+    decoded = {
+        mode: Predictor(predictor.model, predictor.spec, InferenceConfig(**base, decode=mode))
+        for mode in args.decode
+    }
     slide = open_slide(uri, storage)
     plan = plan_grid(slide, predictor.spec, config)  # computes and caches the tissue mask
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    batches = preload(slide, plan, args.batch_size)
+    layouts = sorted(
+        {(args.compute_threads, args.torch_threads), *(tuple(lay) for lay in args.model_layouts)}
+    )
     print(
         f"slide {args.size}x{args.size} px, {plan.n_tiles} tissue tiles of {plan.tile_size} px at "
-        f"{plan.tile_mpp} µm/px, {args.engine}, batch {args.batch_size}, {cpus} CPUs; pipelined: "
-        f"{args.compute_threads} model threads x {args.torch_threads} torch threads, {args.read_threads} "
-        f"reader threads; naive: best of 1 and {cpus} torch threads; slide on {args.store}",
+        f"{plan.tile_mpp} µm/px ({time.perf_counter() - t0:.1f} s to preload), {args.engine}, batch "
+        f"{args.batch_size}, {cpus} CPUs; pipeline: {config.compute_threads} model threads x "
+        f"{config.torch_threads} torch threads, {config.read_threads} reader threads, decode "
+        f"{getattr(config, 'decode', 'cpu')}; model alone: best of (model threads, torch threads) "
+        f"{layouts}; slide on {args.store}",
         flush=True,
     )
-    naive(slide, predictor, dataclasses.replace(plan, xs=plan.xs[:64], ys=plan.ys[:64]))  # warm-up
-    ratios, naive_all, pipe_all = [], [], []
+    model_alone(predictor.model, batches[:2], 1, cpus)  # warm-up
+    analyze_slide(uri, predictor, storage)
+    pipelines = {"analysis": predictor, **{f"decode_{m}": p for m, p in decoded.items()}}
+    ratios: dict[str, list[float]] = {k: [] for k in pipelines}
+    walls: dict[str, list[float]] = {"model": [], **{k: [] for k in pipelines}}
+    cpu: dict[str, list[float]] = {k: [] for k in walls}
     for i in range(args.repeat):
-        naive_s: dict[int, float] = {}
+        alone: dict[tuple[int, int], tuple[float, float]] = {}
+        pipes: dict[str, tuple[float, float]] = {}
 
-        def run_naive(naive_s: dict[int, float] = naive_s) -> None:
-            for threads in sorted({1, cpus or 1}):
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                naive(slide, predictor, plan_grid(slide, predictor.spec, config))
-                naive_s[threads] = time.perf_counter() - t0
+        def run_model(alone: dict[tuple[int, int], tuple[float, float]] = alone) -> None:
+            for workers, threads in layouts:
+                alone[(workers, threads)] = timed(model_alone, predictor.model, batches, workers, threads)
 
-        def run_pipelined() -> float:
-            torch.set_num_threads(args.torch_threads)
-            t0 = time.perf_counter()
-            analyze_slide(uri, predictor, storage)
-            return time.perf_counter() - t0
+        def run_pipes(pipes: dict[str, tuple[float, float]] = pipes) -> None:
+            for key, p in pipelines.items():
+                torch.set_num_threads(args.torch_threads)
+                pipes[key] = timed(analyze_slide, uri, p, storage)
 
-        if i % 2:  # alternate which side goes first, so drifting load hits both alike
-            pipe_s = run_pipelined()
-            run_naive()
-        else:
-            run_naive()
-            pipe_s = run_pipelined()
-        ratios.append(min(naive_s.values()) / pipe_s)
-        naive_all.append(min(naive_s.values()))
-        pipe_all.append(pipe_s)
-        shown = ", ".join(f"{t} thread(s) {v:.1f} s" for t, v in naive_s.items())
+        first, second = (run_pipes, run_model) if i % 2 else (run_model, run_pipes)
+        first()  # alternate which side goes first, so drifting load hits both alike
+        second()
+        best = min(alone, key=lambda lay: alone[lay][0])
+        walls["model"].append(alone[best][0])
+        cpu["model"].append(alone[best][1])
+        for key, (wall, used) in pipes.items():
+            ratios[key].append(alone[best][0] / wall)
+            walls[key].append(wall)
+            cpu[key].append(used)
+        shown = ", ".join(f"{w}x{t} {s:.1f} s (cpu {c:.1f} s)" for (w, t), (s, c) in alone.items())
+        rows = "; ".join(
+            f"{k} {s:.1f} s (cpu {c:.1f} s) ratio {alone[best][0] / s:.2f}" for k, (s, c) in pipes.items()
+        )
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"round {i}: naive {shown}; pipelined {pipe_s:.1f} s; ratio {ratios[-1]:.2f}; load {load:.1f}")
-    mid = float(np.median(ratios))
-    print(
-        f"naive_s(median)={np.median(naive_all):.2f} pipelined_s(median)={np.median(pipe_all):.2f} "
-        f"tiles={plan.n_tiles}; X = median over rounds of (better naive / pipelined), same round"
-    )
-    print(f"speedup_vs_naive={mid:.2f} tiles_per_s={plan.n_tiles / float(np.median(pipe_all)):.1f}")
+        print(f"round {i}: model alone {shown}; {rows}; load {load:.1f}", flush=True)
+    work = float(np.median(cpu["model"]) / np.median(cpu["analysis"]))
+    print(f"model CPU seconds / pipeline CPU seconds (medians; load-independent overhead): {work:.2f}")
+    report(plan.n_tiles, walls, ratios)
+
+
+def write_gpu_slide(path: Path, size: int, mpp: float, workers: int, tile: int = 256) -> None:
+    """A synthetic slide (seed 0) as a generic pyramidal TIFF whose JPEG tiles PIL encodes, so a GPU
+    box without imagecodecs writes it; level 0 at ``mpp`` (the model's resolution: no resampling)."""
+    import io
+    from collections import deque
+
+    import tifffile
+    from PIL import Image
+
+    from pathray.wsi.synth.render import render_rgbx
+    from pathray.wsi.synth.scene import generate_geometry
+
+    geometry = generate_geometry(0, size, size, mpp)
+    sides = [size]
+    while sides[-1] > 1024 or len(sides) < 3:
+        sides.append(sides[-1] // 2)
+
+    def encode(pixels: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    def tiles(side: int) -> Any:
+        """Encoded tiles of one level, row-major; tile rows rendered and encoded on ``workers`` threads."""
+        d, n = size / side, -(-side // tile)
+
+        def row(r: int) -> list[bytes]:
+            strip = render_rgbx(geometry, 0, r * tile * d, n * tile, tile, d, geometry.seed)
+            return [encode(strip[:, c * tile : (c + 1) * tile, :3]) for c in range(n)]
+
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque(pool.submit(row, r) for r in range(min(n, 2 * workers)))
+            for r in range(n):
+                if r + len(pending) < n:
+                    pending.append(pool.submit(row, r + len(pending)))
+                yield from pending.popleft().result()
+
+    try:
+        tifffile.TIFF.COMPRESSORS[7]
+    except KeyError:  # no imagecodecs: tifffile looks its JPEG encoder up even for encoded tiles
+        try:
+            tifffile.TIFF.COMPRESSORS._codecs[7] = lambda data, **_: encode(data)
+        except AttributeError:
+            raise SystemExit(
+                f"tifffile {tifffile.__version__} writes JPEG tiles only with imagecodecs"
+            ) from None
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, side in enumerate(sides):
+            extra: dict[str, Any] = {"subifds": len(sides) - 1} if k == 0 else {"subfiletype": 1}
+            res = 1e4 / (mpp * size / side)
+            tif.write(
+                tiles(side),
+                shape=(side, side, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                **extra,
+            )
 
 
 def bench_gpu(args: argparse.Namespace) -> None:
+    """The whole-slide analysis on ``args.device`` against the model alone on tiles already there."""
     import torch
 
+    import pathray.wsi.backends.tifffile_slide  # noqa: F401 - backend="tifffile"
     from pathray.inference.analyze import analyze_slide
     from pathray.inference.config import InferenceConfig
     from pathray.inference.grid import plan_grid
@@ -194,74 +297,129 @@ def bench_gpu(args: argparse.Namespace) -> None:
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    uri = str(synthetic_slide(cache, args.size))
-    overrides = ["engine.name=foundation", "engine.model=vit_small_patch16_224", "task.name=segmentation"]
-    package = model_package(cache, overrides, "vit_s16")
-    config = InferenceConfig(
-        batch_size=args.batch_size,
-        read_threads=args.read_threads,
-        device=args.accel,
-        chunk_tiles=4 * args.batch_size,
-    )
-    predictor = Predictor.from_package(package, config=config)
-    slide = open_slide(uri)
-    plan = plan_grid(slide, predictor.spec, config)
-    size = predictor.spec.tile_size
-    x = torch.randint(0, 256, (args.batch_size, size, size, 3), dtype=torch.uint8, device=args.accel)
-    cuda = args.accel == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def model_alone(n: int) -> float:
-        with torch.inference_mode(), torch.autocast(args.accel, torch.bfloat16, enabled=cuda):
-            predictor.model(x)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                predictor.model(x).float().softmax(1)
-            sync()
-        return n * args.batch_size / (time.perf_counter() - t0)
-
-    model_alone(3)
-    model_tps = model_alone(max(5, plan.n_tiles // args.batch_size))
-    analyze_slide(uri, predictor)  # warm-up: cuDNN/cuBLAS choices, page cache
-    best = float("inf")
-    for _ in range(args.repeat):
+    cpus = os.cpu_count() or 4
+    path = cache / f"gpu_{args.size}.tiff"
+    if not path.exists():
         t0 = time.perf_counter()
-        result = analyze_slide(uri, predictor)
-        best = min(best, time.perf_counter() - t0)
-    tps = plan.n_tiles / best
+        write_gpu_slide(cache / "gpu.tmp.tiff", args.size, 0.5, cpus)
+        (cache / "gpu.tmp.tiff").rename(path)
+        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    overrides = ["engine.name=foundation", f"engine.model={args.model}", "task.name=segmentation"]
+    package = model_package(cache, overrides, args.model)
+    base: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "chunk_tiles": 4 * args.batch_size,
+        "read_threads": args.read_threads or cpus,
+        "compute_threads": args.compute_threads,
+    }
+    predictor = Predictor.from_package(package, config=InferenceConfig(**base))
+    pipelines = {"analysis": predictor}
+    for mode in args.decode:
+        pipelines[f"decode_{mode}"] = Predictor(
+            predictor.model, predictor.spec, InferenceConfig(**base, decode=mode)
+        )
+    slide = open_slide(path, backend="tifffile")  # tifffile alone: no tiffslide, zarr or imagecodecs
+    plan = plan_grid(slide, predictor.spec, predictor.config)
+    cuda = predictor.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batches = preload(slide, plan, args.batch_size, predictor.device)
+
+    def model_alone() -> None:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            for x in batches:
+                predictor.model(x)
+        sync()
+
+    def pipeline(p: Any) -> None:
+        analyze_slide(slide, p)
+        sync()
+
     name = torch.cuda.get_device_name() if cuda else "cpu"
+    on_device = {k: p.decodes_on_device(slide, plan) for k, p in pipelines.items()}
     print(
-        f"{name}: {plan.n_tiles} tiles of {size} px, batch {args.batch_size}, "
-        f"{args.read_threads} reader threads; analysis {best:.2f} s; timings {result.timings}"
+        f"{name}: {plan.n_tiles} tiles of {plan.tile_size} px at {plan.tile_mpp} µm/px, {args.model}, "
+        f"batch {args.batch_size}, {base['read_threads']} reader threads, {args.compute_threads} model "
+        f"threads; decoded on the device: {on_device}",
+        flush=True,
     )
-    print(f"analysis_vs_model={tps / model_tps:.2f} tiles_per_s={tps:.1f} model_tiles_per_s={model_tps:.1f}")
+    model_alone()  # warm-up: cuDNN/cuBLAS choices, nvJPEG, page cache
+    for p in pipelines.values():
+        pipeline(p)
+    walls: dict[str, list[float]] = {"model": [], **{k: [] for k in pipelines}}
+    ratios: dict[str, list[float]] = {k: [] for k in pipelines}
+    for i in range(args.repeat):
+        model_s = timed(model_alone)[0]
+        pipes = {k: timed(pipeline, p)[0] for k, p in pipelines.items()}
+        if i % 2:
+            model_s = (model_s + timed(model_alone)[0]) / 2  # the model alone also after the pipelines
+        walls["model"].append(model_s)
+        for k, s in pipes.items():
+            walls[k].append(s)
+            ratios[k].append(model_s / s)
+        rows = "; ".join(f"{k} {s:.2f} s ({model_s / s:.2f})" for k, s in pipes.items())
+        print(f"round {i}: model alone {model_s:.2f} s; {rows}", flush=True)
+    report(plan.n_tiles, walls, ratios)
+
+
+def report(n: int, walls: dict[str, list[float]], ratios: dict[str, list[float]]) -> None:
+    """Each row's median ratio and tiles/s, then the last line."""
+
+    def tps(key: str) -> float:
+        return n / float(np.median(walls[key]))
+
+    extra = ""
+    for key in ratios:
+        if key != "analysis":
+            print(f"{key}: analysis_vs_model={np.median(ratios[key]):.2f} tiles_per_s={tps(key):.1f}")
+            extra += f" {key}_vs_model={np.median(ratios[key]):.2f}"
+    print(
+        f"analysis_vs_model={np.median(ratios['analysis']):.2f} tiles_per_s={tps('analysis'):.1f} "
+        f"model_tiles_per_s={tps('model'):.1f}{extra}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=32768, help="slide width and height in px")
+    parser.add_argument("--size", type=int, default=None, help="slide side in px (CPU 32768, --gpu 16384)")
     parser.add_argument("--cache", default=".bench/wsi_inference", help="where the slide and model are kept")
     parser.add_argument("--engine", default="debug_cnn", help="CPU: engine of the random-weight package")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--compute-threads", type=int, default=2, help="CPU: pipelined model threads")
+    parser.add_argument("--model", default="vit_small_patch16_224", help="--gpu: the timm ViT (random init)")
+    parser.add_argument("--batch-size", type=int, default=None, help="CPU 32, --gpu 256")
+    parser.add_argument("--compute-threads", type=int, default=2, help="model threads of the pipeline")
+    parser.add_argument("--torch-threads", type=int, default=1, help="CPU: torch threads of the pipeline")
     parser.add_argument(
-        "--torch-threads", type=int, default=1, help="CPU: torch threads of the pipelined side"
+        "--read-threads", type=int, default=None, help="CPU: the config's; --gpu: one per CPU"
     )
-    parser.add_argument("--read-threads", type=int, default=None)
     parser.add_argument(
         "--tile", default="128@1.0", help="CPU: tile SIZE@MPP; 'engine': the engine's own (64@2.0 for debug)"
     )
     parser.add_argument("--store", default="local", choices=["local", "s3"], help="CPU: where the slide is")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of both sides")
-    parser.add_argument("--gpu", action="store_true", help="run on CUDA with ViT-S/16 in bf16")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--device cuda = --gpu")
-    parser.add_argument("--accel", default="cuda", help=argparse.SUPPRESS)  # --gpu code path on the CPU
+    parser.add_argument(
+        "--model-layouts",
+        nargs="*",
+        default=[],
+        type=lambda v: tuple(int(k) for k in v.split("x")),
+        help="CPU: more (model threads)x(torch threads) layouts for the model alone, e.g. 1x2; best counts",
+    )
+    parser.add_argument(
+        "--decode",
+        nargs="*",
+        default=None,
+        choices=["cpu", "device"],
+        help="a row per inference.decode beside the default (auto); default: device on CPU, cpu with --gpu",
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="ViT-S/16 in bf16 on CUDA, Ray- and tiffslide-free"
+    )
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="--gpu: cpu for a dry run")
     args = parser.parse_args(argv)
-    gpu = args.gpu or args.device == "cuda"
-    args.batch_size = args.batch_size or (256 if gpu else 32)
-    args.read_threads = args.read_threads or ((os.cpu_count() or 4) if gpu else 4)
-    bench_gpu(args) if gpu else bench_cpu(args)
+    args.size = args.size or (16384 if args.gpu else 32768)
+    args.batch_size = args.batch_size or (256 if args.gpu else 32)
+    if args.decode is None:
+        args.decode = ["cpu"] if args.gpu else ["device"]
+    bench_gpu(args) if args.gpu else bench_cpu(args)
     return 0
 
 

@@ -146,15 +146,35 @@ class StorageConfig(Section):
     block_size: int = Field(2**18, description="readahead block for metadata reads; tiles use exact ranges")
     cache_dir: str | None = Field(None, description="local copies of slides only OpenSlide can read")
     coalesce_gap: int = Field(
-        262144,
+        2**20,
         ge=0,
-        description="remote reads: ranges this close become one request (requests cost more than bytes)",
+        description="remote reads: ranges this close become one request (requests cost more than bytes: a "
+        "gap pays while it transfers in less than a request's time to first byte)",
     )
     presigned_reads: bool = Field(
         True,
         description="s3: fetch tile ranges over a presigned URL with a plain HTTP pool (less CPU)",
     )
     presign_expires_s: int = Field(3600, gt=60, description="lifetime of presigned URLs; renewed at 80 %")
+    # Ranged reads (wsi/backends/ranges.py): how many requests, how large, and what is kept.
+    read_concurrency: int = Field(
+        16, ge=1, le=256, description="remote reads: range requests in flight at once per process"
+    )
+    max_request_bytes: int = Field(
+        2**23,
+        ge=0,
+        description="remote reads: merged ranges are cut into requests of at most about this size (each "
+        "is held whole while it arrives, several at once, and spread over connections); 0: no limit",
+    )
+    block_cache_bytes: int = Field(
+        0,
+        ge=0,
+        description="remote reads: bytes of fetched blocks kept in memory per process (least recently "
+        "used dropped; concurrent readers of a block wait for one request); 0: off, exact ranges only",
+    )
+    block_cache_block: int = Field(
+        2**16, ge=4096, description="remote reads with the block cache: the aligned block fetched and kept"
+    )
     connect_timeout_s: float = Field(5.0, gt=0, description="per request: time to open a connection")
     read_timeout_s: float = Field(20.0, gt=0, description="per request: time without a byte from the server")
     retries: int = Field(

@@ -16,11 +16,12 @@ from pathray.inference.predictor import Predictor
 from pathray.inference.stitch import Stitcher
 from pathray.storage import StorageConfig
 from pathray.wsi.backends.open import open_slide
+from pathray.wsi.backends.slide import Slide
 from pathray.wsi.patching.tissue import TissueConfig
 
 
 def analyze_slide(
-    uri: str,
+    uri: str | Slide,
     predictor: Predictor,
     storage: StorageConfig | None = None,
     tissue: TissueConfig | None = None,
@@ -28,7 +29,8 @@ def analyze_slide(
     mpp: float | None = None,
 ) -> AnalysisResult:
     """Analyse one slide with ``predictor`` (Ray-free); ``progress(tiles_done, tiles_total)`` after
-    every chunk. ``mpp`` overrides the slide's level-0 µm/px (needed when its file has none).
+    every chunk. ``mpp`` overrides the slide's level-0 µm/px (needed when its file has none). An open
+    ``Slide`` (e.g. ``open_slide(uri, backend="tifffile")``) is analysed as it is (``mpp`` unused).
 
     Tiles that cannot be decoded are left out, counted and listed in the result; the analysis
     fails when they are more than ``inference.max_failed_share`` of the slide's tiles.
@@ -38,7 +40,7 @@ def analyze_slide(
             ``TilesLostError`` when too many tiles could not be decoded.
     """
     t0 = time.perf_counter()
-    slide = open_slide(uri, storage, mpp=mpp)
+    slide = uri if isinstance(uri, Slide) else open_slide(uri, storage, mpp=mpp)
     slide.check()
     plan = plan_grid(slide, predictor.spec, predictor.config, tissue)
     planned = time.perf_counter() - t0

@@ -17,6 +17,13 @@ class InferenceConfig(Section):
     chunk_tiles: int = Field(128, ge=1, description="tiles per chunk: the unit of work of a replica / task")
     read_threads: int = Field(4, ge=1, description="threads reading tiles inside one predictor call")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto | cpu | cuda")
+    decode: str = Field(
+        "auto",
+        pattern="^(auto|cpu|device)$",
+        description="where tiles are decoded: device (compressed tiles fetched by byte range, decoded "
+        "where the model runs: nvJPEG on cuda), cpu (the slide's reader, on CPU threads), auto (device "
+        "on cuda when the level's tiles are JPEG, else cpu); levels without raw tiles are always cpu",
+    )
     precision: str = Field(
         "auto", pattern="^(auto|fp32|bf16)$", description="auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16"
     )

@@ -9,11 +9,9 @@ A Serve replica calls ``predict_chunk`` per chunk; offline runs and the CLI use 
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,11 +21,13 @@ from torch import nn
 from pathray.inference.config import InferenceConfig
 from pathray.inference.grid import Chunk, GridPlan, map_windows, window_counts
 from pathray.inference.points import grid_keys, owned
-from pathray.inference.reader import TileReader
+from pathray.inference.reader import Batch, CompressedSource, PixelSource, TileReader
 from pathray.inference.reduce import window_means
-from pathray.inference.results import ChunkResult, TilePredictions
+from pathray.inference.results import ChunkParts, ChunkResult, TilePredictions
 from pathray.inference.spec import ModelSpec
 from pathray.storage import StorageConfig
+from pathray.wsi.backends.compressed import CompressedTileReader
+from pathray.wsi.backends.levels import select_level
 from pathray.wsi.backends.slide import Slide
 
 
@@ -73,7 +73,7 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, images: np.ndarray | torch.Tensor) -> Any:
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and x.device.type == "cpu":  # tiles decoded on the GPU are there
             x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
@@ -108,6 +108,21 @@ class Predictor:
         """Read the chunk's tiles (threads), predict them in batches, return a compact result."""
         return next(iter(self.iter_chunks(slide, plan, [chunk], storage)))
 
+    def decodes_on_device(self, slide: Slide, plan: GridPlan) -> bool:
+        """Whether tiles are read compressed and decoded where the model runs (``inference.decode``).
+
+        ``device``: whenever the plan's pyramid level has raw tiles; ``auto``: on CUDA, when they
+        are JPEG (what nvJPEG decodes). Otherwise the slide's reader decodes on CPU threads.
+        """
+        mode = self.config.decode
+        if mode == "cpu" or (mode == "auto" and self.device.type != "cuda") or slide.level_mpps is None:
+            return False
+        level = select_level(slide.level_mpps, plan.tile_mpp).level
+        tiles = CompressedTileReader.for_slide(slide)
+        if not tiles.servable(level):
+            return False
+        return mode == "device" or tiles.layout(level).codec.name == "jpeg"
+
     def iter_chunks(
         self,
         slide: Slide | str,
@@ -117,73 +132,95 @@ class Predictor:
     ) -> Iterator[ChunkResult]:
         """Chunk results in order, while reader threads read ahead (also across chunk borders).
 
-        A slide given by URI is opened at the plan's mpp (a slide without mpp metadata was planned
-        with an override; a replica reading its tiles needs the same one).
+        ``compute_threads`` model threads take whole batches in grid order, so every thread has
+        work until the last batch (also within one chunk); the caller stitches chunk ``i`` while
+        they predict chunk ``i + 1``. A slide given by URI is opened at the plan's mpp (a slide
+        without mpp metadata was planned with an override; a replica reading its tiles needs the
+        same one).
         """
         if isinstance(slide, str):
             from pathray.wsi.backends.open import open_slide
 
             slide = open_slide(slide, storage, mpp=plan.slide_mpp)
         chunks = list(chunks)
-        workers = max(1, min(self.config.compute_threads, len(chunks)))
-        cuda = self.device.type == "cuda"
+        if not chunks:
+            return
         cfg = self.config
-        with TileReader(
-            slide, plan, chunks, cfg.read_threads, cfg.read_batch, cfg.batch_size, cuda
-        ) as reader:
-            if workers == 1:
-                for chunk in chunks:
-                    yield self._run_chunk(plan, chunk, reader)
-                return
-            # Several model threads, each on its own chunk: on CPUs, two single-threaded forward
-            # passes use two cores better than one pass split over two intra-op threads.
-            with ThreadPoolExecutor(workers, thread_name_prefix="pathray-model") as pool:
-                pending: deque[Future[ChunkResult]] = deque()
-                todo = iter(chunks)
-                for chunk in itertools.islice(todo, workers):
-                    pending.append(pool.submit(self._run_chunk, plan, chunk, reader))
+        source: PixelSource | CompressedSource
+        if self.decodes_on_device(slide, plan):
+            source = CompressedSource(slide, plan, self.device)
+        else:
+            source = PixelSource(slide, plan, cfg.batch_size, pinned=self.device.type == "cuda")
+        reader = TileReader(plan, chunks, source, cfg.read_threads, cfg.read_batch, cfg.batch_size)
+        states = [ChunkParts(chunk, n) for chunk, n in zip(chunks, reader.per_chunk, strict=True)]
+        for state in states:
+            if not state.batches:  # an empty chunk: no batch will finish it
+                state.done.set_result(self._assemble(plan, state))
+        workers = max(1, min(cfg.compute_threads, len(reader.todo)))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="pathray-model")
+        try:
+            for _ in range(workers):
+                pool.submit(self._work, plan, reader, states)
+            for state in states:
+                yield state.done.result()
+        finally:
+            reader.close()  # the model threads take no more batches
+            pool.shutdown(wait=True)
+
+    def _work(self, plan: GridPlan, reader: TileReader, states: list[ChunkParts]) -> None:
+        """One model thread: predict batches until none are left; the last batch of a chunk
+        assembles its result. A failure fails every chunk not yet done."""
+        try:
+            while (batch := reader.next_batch()) is not None:
+                state = states[batch.pos]
                 try:
-                    while pending:
-                        result = pending.popleft().result()
-                        for chunk in itertools.islice(todo, 1):
-                            pending.append(pool.submit(self._run_chunk, plan, chunk, reader))
-                        yield result
+                    self._run_batch(plan, state, batch)
                 finally:
-                    for future in pending:
-                        future.cancel()
+                    reader.release(batch)
+                if state.add_done():
+                    state.done.set_result(self._assemble(plan, state))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the chunks
+            reader.close()
+            for state in states:
+                if not state.done.done():
+                    state.done.set_exception(exc)
 
     @torch.inference_mode()
-    def _run_chunk(self, plan: GridPlan, chunk: Chunk, reader: TileReader) -> ChunkResult:
+    def _run_batch(self, plan: GridPlan, state: ChunkParts, batch: Batch) -> None:
+        tiles, failed, waited = batch.result()
         t0 = time.perf_counter()
-        wait = predict = 0.0
-        parts: list[Any] = []
-        points: list[np.ndarray] = []
-        done = 0
-        keep = np.ones(len(chunk), bool)  # tiles that were decoded
-        causes: list[str] = []
-        for batch, waited, failed in reader.batches(chunk.index):  # whole batches, in their buffer
-            wait += waited
-            t1 = time.perf_counter()
-            ok = np.ones(len(batch), bool)
-            for row, cause in failed:  # undecodable tiles: predicted with the rest, then dropped
-                ok[row] = False
-                causes.append(cause)
-            keep[done : done + len(batch)] = ok
-            xs, ys = chunk.xs[done : done + len(batch)][ok], chunk.ys[done : done + len(batch)][ok]
-            outputs = self._forward(batch) if ok.any() else None
-            if outputs is not None and self.spec.has_map:
+        chunk, start, n = state.chunk, batch.start, batch.n
+        ok = np.ones(n, bool)
+        for row, _ in failed:  # undecodable tiles: predicted with the rest, then dropped
+            ok[row] = False
+        xs, ys = chunk.xs[start : start + n][ok], chunk.ys[start : start + n][ok]
+        part = points = None
+        if ok.any():
+            outputs = self._forward(tiles)
+            if self.spec.has_map:
                 probs = self._probs(outputs)
                 probs = probs if ok.all() else probs[torch.from_numpy(ok).to(probs.device)]
-                parts.append(window_means(probs, plan, xs, ys))
-            if outputs is not None and self.spec.has_points:
+                part = window_means(probs, plan, xs, ys)
+            if self.spec.has_points:
                 found = [p for p, k in zip(self._points(outputs), ok, strict=True) if k]
-                points.append(self._level0_points(plan, found, xs, ys))
-            done += len(batch)
-            predict += time.perf_counter() - t1
-        result = self._assemble(plan, chunk, parts, points, keep)
+                points = self._level0_points(plan, found, xs, ys)
+        causes = [cause for _, cause in failed]
+        state.put(start, ok, causes, part, points, waited, time.perf_counter() - t0)
+
+    def _assemble(self, plan: GridPlan, state: ChunkParts) -> ChunkResult:
+        chunk, keep = state.chunk, state.keep
+        starts = sorted(state.parts)  # batches in grid order, whichever thread predicted them
+        parts = [p for s in starts if (p := state.parts[s]) is not None]
+        points = [p for s in starts if (p := state.points[s]) is not None]
+        result = self._chunk_result(plan, chunk, parts, points, keep)
         result.failed = np.column_stack([chunk.xs[~keep], chunk.ys[~keep]]).astype(np.int64)
+        causes = [c for s in starts for c in state.causes[s]]
         result.failed_cause = causes[0] if causes else ""
-        result.timings = {"read_wait_s": wait, "predict_s": predict, "total_s": time.perf_counter() - t0}
+        result.timings = {
+            "read_wait_s": state.wait,
+            "predict_s": state.predict,
+            "total_s": time.perf_counter() - state.started,
+        }
         return result
 
     def _level0_points(
@@ -201,7 +238,7 @@ class Predictor:
         keys = grid_keys(plan, tx, ty).astype(np.float64)
         return np.column_stack([lvl0, keys])[keep]
 
-    def _assemble(
+    def _chunk_result(
         self, plan: GridPlan, chunk: Chunk, parts: list[Any], points: list[np.ndarray], keep: np.ndarray
     ) -> ChunkResult:
         n = len(chunk)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from pathray.inference.grid import Chunk
 
 
 @dataclass
@@ -55,3 +61,46 @@ class ChunkResult:
     def nbytes(self) -> int:
         arrays = [self.rows, self.cols, self.heights, self.widths, self.probs, self.points]
         return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass
+class ChunkParts:
+    """A chunk's batch results as model threads finish them, in any order; ``done`` holds the chunk's
+    result once its last batch is in (a predictor's bookkeeping)."""
+
+    chunk: Chunk
+    batches: int
+    keep: np.ndarray = field(init=False)  # tiles that were decoded
+    parts: dict[int, Any] = field(default_factory=dict)  # by first row: window means, or None
+    points: dict[int, np.ndarray | None] = field(default_factory=dict)
+    causes: dict[int, list[str]] = field(default_factory=dict)
+    wait: float = 0.0
+    predict: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    done: Future[ChunkResult] = field(default_factory=Future)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.keep = np.ones(len(self.chunk), bool)
+
+    def put(
+        self,
+        start: int,
+        ok: np.ndarray,
+        causes: list[str],
+        part: Any,
+        points: np.ndarray | None,
+        wait: float,
+        predict: float,
+    ) -> None:
+        with self.lock:
+            self.keep[start : start + len(ok)] = ok
+            self.parts[start], self.points[start], self.causes[start] = part, points, causes
+            self.wait += wait
+            self.predict += predict
+
+    def add_done(self) -> bool:
+        """Count one finished batch; True for the chunk's last."""
+        with self.lock:
+            self.batches -= 1
+            return self.batches == 0

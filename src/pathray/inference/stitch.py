@@ -53,15 +53,16 @@ class Stitcher:
             return False
         self._seen.add(result.index)
         rows, cols = self.plan.map_shape
+        probs = None if self._sums is None or result.probs is None else result.probs.astype(np.float32)
         for i in range(len(result.rows)):  # the decoded tiles; failed ones are listed apart
             r0, c0 = int(result.rows[i]), int(result.cols[i])
             r1, c1 = min(rows, r0 + int(result.heights[i])), min(cols, c0 + int(result.widths[i]))
-            if self._sums is None or result.probs is None:
+            if self._sums is None or probs is None:
                 self._covered[max(r0, 0) : r1, max(c0, 0) : c1] = True
                 continue
             if r1 <= max(r0, 0) or c1 <= max(c0, 0):
                 continue
-            block = result.probs[i].astype(np.float32)
+            block = probs[i]
             if block.shape[-1] > 1:
                 block = block[:, max(0, -r0) : r1 - r0, max(0, -c0) : c1 - c0]
             r0, c0 = max(r0, 0), max(c0, 0)

@@ -69,6 +69,7 @@ def open_slide(
     """
     import pathray.wsi.backends.openslide  # noqa: F401 - registers the backends
     import pathray.wsi.backends.tiff  # noqa: F401
+    import pathray.wsi.backends.tifffile_slide  # noqa: F401 - backend="tifffile": no tiffslide needed
 
     try:
         location = parse_uri(uri)

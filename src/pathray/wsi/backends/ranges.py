@@ -1,19 +1,27 @@
 """Exact byte ranges of one object: ``pread`` on local files; merged and concurrent on object storage.
 
-On S3 every request costs far more than its bytes, and most of a client's CPU per request goes
-into botocore building and signing it. So ranges that touch are merged, and by default they
-are fetched over one presigned URL with a plain HTTP connection pool, many at a time, and
-handed back as they complete so the caller decodes while the rest are still on the wire.
+On S3 every request costs far more than its bytes: ~1.2 ms of client CPU through botocore, which
+builds and signs each one, ~0.17 ms as a plain GET on a presigned URL. So ranges closer than
+``coalesce_gap`` are merged (into requests of at most about ``max_request_bytes``), and by
+default they are fetched over one presigned URL with kept-alive ``http.client`` connections
+(``connections.py``), ``read_concurrency`` at a time, in the order the caller listed the ranges;
+each range is handed back the moment its last byte is in, so the caller decodes while the rest of
+its request is still on the wire.
+With ``block_cache_bytes`` set, reads fetch aligned blocks that stay in a per-process cache, and
+readers of a block in flight wait for that one request (``blocks.py``). Every request keeps the
+storage's timeouts, retries and deadline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pathray.storage import (
@@ -28,27 +36,41 @@ from pathray.storage import (
     time_limit,
     translate_error,
 )
+from pathray.wsi.backends.blocks import BlockCache, Span, coalesce, in_listing_order, read_through
+from pathray.wsi.backends.connections import ConnectionPool, Sink
 from pathray.wsi.backends.errors import SlideAccessError, SlideNotFoundError, SlideReadError, as_slide_error
 
 log = logging.getLogger(__name__)
 
-_SHARED: dict[str, Any] = {}
+_SHARED: dict[tuple[str, int], Any] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _shared(name: str) -> Any:
-    """One HTTP pool and one thread pool per process, made on first use (never at import)."""
+def _shared(name: str, size: int = 16) -> Any:
+    """Per process and size, made on first use (never at import): the HTTP connection pool
+    ("http", ``size`` kept-alive connections per host), the thread pool ("threads", ``size``
+    requests in flight) and the block cache ("blocks", ``size`` bytes)."""
+    key = (name, size)
     with _SHARED_LOCK:
-        if name not in _SHARED:
+        if key not in _SHARED:
             if name == "http":
-                import urllib3
-
-                redact_logs()  # urllib3 logs request lines, query strings included, at DEBUG
+                redact_logs()  # request lines, presigned query strings included, are logged at DEBUG
                 # No retries here: ``retrying`` retries with the config's backoff and deadline.
-                _SHARED[name] = urllib3.PoolManager(maxsize=32, retries=False)
+                _SHARED[key] = ConnectionPool(size)
+            elif name == "blocks":
+                _SHARED[key] = BlockCache(size)
             else:
-                _SHARED[name] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pathray-ranges")
-        return _SHARED[name]
+                _SHARED[key] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="pathray-ranges")
+        return _SHARED[key]
+
+
+def block_cache(storage: StorageConfig) -> BlockCache | None:
+    """The process's cache of fetched blocks for ``storage`` settings (None when it is off)."""
+    return _shared("blocks", storage.block_cache_bytes) if storage.block_cache_bytes else None
+
+
+class _Stopped(Exception):
+    """The reader went away: a streamed request ends early."""
 
 
 class ByteCounter:
@@ -78,8 +100,9 @@ class CountingFile:
         return data
 
     def readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
+        view = memoryview(buf).cast("B")  # a numpy array, bytearray or memoryview alike
+        data = self.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -105,10 +128,10 @@ def open_file(location: Location, storage: StorageConfig | None, counter: ByteCo
         except OSError as exc:
             raise as_slide_error(translate_error(location.uri, exc)) from None
     try:
-        size = stat(location, storage)["size"]
+        info = stat(location, storage)
     except StorageError as exc:
         raise as_slide_error(exc) from None
-    return RemoteFile(RangeReader(location, storage, counter), size, storage.block_size)
+    return RemoteFile(RangeReader(location, storage, counter, info=info), info["size"], storage.block_size)
 
 
 class RemoteFile:
@@ -172,21 +195,6 @@ class RemoteFile:
         self.close()
 
 
-def coalesce(offsets: list[int], lengths: list[int], gap: int) -> list[tuple[int, int, list[int]]]:
-    """Merge ranges into ``(start, end, member indices)`` spans; ranges ``gap`` bytes apart or closer join."""
-    order = sorted(range(len(offsets)), key=lambda i: offsets[i])
-    spans: list[tuple[int, int, list[int]]] = []
-    for i in order:
-        start, end = offsets[i], offsets[i] + lengths[i]
-        if spans and start - spans[-1][1] <= gap:
-            s0, e0, members = spans[-1]
-            members.append(i)
-            spans[-1] = (s0, max(e0, end), members)
-        else:
-            spans.append((start, end, [i]))
-    return spans
-
-
 class PresignedRanges:
     """Range GETs on a presigned URL of one S3 object, renewed before it expires."""
 
@@ -206,39 +214,49 @@ class PresignedRanges:
                 self._made = time.monotonic()
             return self._url
 
-    def get(self, start: int, end: int, left: float, storage: StorageConfig) -> bytes:
-        """One range GET within ``left`` seconds; 5xx and network failures raise for a retry."""
-        import urllib3
+    def get(
+        self, start: int, end: int, left: float, storage: StorageConfig, sink: Sink | None = None
+    ) -> bytes | bytearray:
+        """One range GET within ``left`` seconds; 5xx and network failures raise for a retry.
 
-        timeout = urllib3.Timeout(
-            connect=min(storage.connect_timeout_s, left), read=min(storage.read_timeout_s, left)
-        )
-        http = _shared("http")
+        ``sink(buffer, bytes so far)`` sees the bytes as they arrive (``ConnectionPool.get``).
+        """
+        http = _shared("http", storage.read_concurrency)
         headers = {"Range": f"bytes={start}-{end - 1}"}
+        connect, read = min(storage.connect_timeout_s, left), min(storage.read_timeout_s, left)
         for attempt in range(2):
-            resp = http.request("GET", self.url(renew=attempt > 0), headers=headers, timeout=timeout)
-            if resp.status in (200, 206):
-                return resp.data
-            body = resp.data[:300].decode("utf-8", "replace")
-            if resp.status == 403 and "expired" in body.lower() and attempt == 0:
+            status, data = http.get(self.url(renew=attempt > 0), headers, connect, read, sink)
+            if status in (200, 206):
+                return data
+            body = data[:300].decode("utf-8", "replace")
+            if status == 403 and "expired" in body.lower() and attempt == 0:
                 continue  # the URL outlived its lifetime: sign a new one
             break
         uri = self._location.uri
-        if resp.status == 404:
+        if status == 404:
             raise SlideNotFoundError(uri, "no such object (HTTP 404)")
-        if resp.status in (401, 403):
-            raise SlideAccessError(
-                uri, f"the storage refused access; check the credentials (HTTP {resp.status})"
-            )
-        if resp.status >= 500 or resp.status == 429:
-            raise TransientHTTPError(f"HTTP {resp.status} reading bytes {start}-{end - 1}")
-        raise SlideReadError(uri, f"HTTP {resp.status} reading bytes {start}-{end - 1}: {body.strip()[:200]}")
+        if status in (401, 403):
+            raise SlideAccessError(uri, f"the storage refused access; check the credentials (HTTP {status})")
+        if status >= 500 or status == 429:
+            raise TransientHTTPError(f"HTTP {status} reading bytes {start}-{end - 1}")
+        raise SlideReadError(uri, f"HTTP {status} reading bytes {start}-{end - 1}: {body.strip()[:200]}")
 
 
 class RangeReader:
-    """Reads exact byte ranges of one object, concurrently where the storage allows it."""
+    """Reads exact byte ranges of one object, concurrently where the storage allows it.
 
-    def __init__(self, location: Location, storage: StorageConfig | None, counter: ByteCounter) -> None:
+    ``info`` is the object's ``stat`` where the caller has it (the block cache keys blocks by the
+    object's size and tag, and otherwise asks for them once).
+    """
+
+    def __init__(
+        self,
+        location: Location,
+        storage: StorageConfig | None,
+        counter: ByteCounter,
+        *,
+        info: dict[str, Any] | None = None,
+    ) -> None:
         storage = storage or StorageConfig()
         self.location = location
         self.storage = storage
@@ -248,6 +266,10 @@ class RangeReader:
         self._fd: int | None = None
         self._fs = None
         self._presigned: PresignedRanges | None = None
+        self._blocks = None if location.is_local else block_cache(storage)
+        self._info = info
+        self._object: tuple[Hashable, int] | None = None  # (cache key of this object version, size)
+        self._object_lock = threading.Lock()
         if location.is_local:
             self._fd = os.open(location.path, os.O_RDONLY)
         else:
@@ -268,7 +290,11 @@ class RangeReader:
         return out
 
     def iter_ranges(self, offsets: list[int], lengths: list[int]) -> Iterator[tuple[int, bytes]]:
-        """``(i, bytes of range i)`` as they arrive; touching ranges are fetched as one request."""
+        """``(i, bytes of range i)`` as they arrive; nearby ranges are fetched as one request.
+
+        Requests go out in the order of the ranges' first listing, so a caller that lists what it
+        needs first gets it first.
+        """
         if not offsets:
             return
         if self._fd is not None:
@@ -281,44 +307,127 @@ class RangeReader:
                     )
                 yield i, chunk
             return
-        spans = coalesce(offsets, lengths, self._gap)
+        if self._blocks is not None:
+            yield from self._iter_blocks(offsets, lengths)
+            return
+        spans = self._plan(offsets, lengths)
+        self._prepare()
+        if self._presigned is not None:
+            yield from self._stream(spans, offsets, lengths)
+            return
         for k, data in self._fetch(spans):
-            start, end, members = spans[k]
-            self.counter.add(len(data))
-            if len(data) != end - start:
-                data = self._whole_object_fallback(data, start, end - start)
+            start, _, members = spans[k]
             for i in members:
                 rel = offsets[i] - start
                 yield i, data[rel : rel + lengths[i]]
 
-    def _fetch(self, spans: list[tuple[int, int, list[int]]]) -> Iterator[tuple[int, bytes]]:
-        """Each span's bytes as it arrives; every request is retried within the storage deadline."""
-        uri, storage = self.location.uri, self.storage
+    def _plan(self, offsets: list[int], lengths: list[int]) -> list[Span]:
+        """Coalesced spans, cut at ``max_request_bytes``, in the order their ranges were listed."""
+        return in_listing_order(coalesce(offsets, lengths, self._gap, self.storage.max_request_bytes))
+
+    # -- fetching spans ----------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Presign once; presigning is an optimisation, so a failure means the filesystem path."""
         if self._presigned is not None:
             try:
                 self._presigned.url()
-            except Exception as exc:  # noqa: BLE001 - presigning is an optimisation; fall back
-                log.info("%s: no presigned URL (%s); reading through the filesystem", uri, type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - fall back to the filesystem
+                log.info(
+                    "%s: no presigned URL (%s); reading through the filesystem",
+                    self.location.uri,
+                    type(exc).__name__,
+                )
                 self._presigned = None
-        if self._presigned is not None:
-            presigned = self._presigned
 
-            def one(start: int, end: int) -> bytes:
-                return retrying(uri, storage, lambda left: presigned.get(start, end, left, storage))
+    def _fetch_one(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` in one request, retried within the deadline; counted; SlideErrors."""
+        uri, storage, presigned, fs = self.location.uri, self.storage, self._presigned, self._fs
 
-            pool = _shared("threads")
-            futures = {pool.submit(one, s, e): k for k, (s, e, _) in enumerate(spans)}
-            try:
-                for fut in as_completed(futures):
-                    try:
-                        data = fut.result()
-                    except StorageError as exc:
-                        raise as_slide_error(exc) from None
-                    yield futures[fut], data
-            finally:
-                for fut in futures:
-                    fut.cancel()
-            return
+        def attempt(left: float) -> bytes:
+            if presigned is not None:
+                return presigned.get(start, end, left, storage)
+            return fs.cat_file(self.location.path, start=start, end=end, **time_limit(fs, left))  # type: ignore[union-attr]
+
+        try:
+            data = retrying(uri, storage, attempt)
+        except StorageError as exc:
+            raise as_slide_error(exc) from None
+        self.counter.add(len(data))
+        return data if len(data) == end - start else self._whole_object_fallback(data, start, end - start)
+
+    def _stream(
+        self, spans: list[Span], offsets: list[int], lengths: list[int]
+    ) -> Iterator[tuple[int, bytes]]:
+        """Each range as soon as its last byte is here, though it came in a larger request: the
+        requests run on the thread pool and hand each range over the moment it is complete."""
+        arrived: queue.SimpleQueue[tuple[int, bytes] | BaseException | None] = queue.SimpleQueue()
+        stop = threading.Event()
+        pool = _shared("threads", self.storage.read_concurrency)
+        futures = [pool.submit(self._stream_span, span, offsets, lengths, arrived, stop) for span in spans]
+        try:
+            for _ in futures:
+                while (item := arrived.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            stop.set()  # requests still running end at their next chunk
+            for fut in futures:
+                fut.cancel()
+
+    def _stream_span(
+        self,
+        span: Span,
+        offsets: list[int],
+        lengths: list[int],
+        arrived: queue.SimpleQueue[tuple[int, bytes] | BaseException | None],
+        stop: threading.Event,
+    ) -> None:
+        """Fetch one span, retried within the deadline, putting its ranges into ``arrived`` as they
+        complete, then None (or the error). A retry asks only for what has not been handed over."""
+        start, end, members = span
+        order = sorted(members, key=lambda i: offsets[i])  # as they lie in the body
+        done = 0  # members handed over, in ``order``; kept across retries
+        presigned, storage = self._presigned, self.storage
+        assert presigned is not None
+
+        def attempt(left: float) -> None:
+            nonlocal done
+            if done == len(order):
+                return
+            base = offsets[order[done]]
+
+            def sink(buf: bytearray, got: int) -> None:
+                nonlocal done
+                if stop.is_set():
+                    raise _Stopped
+                while done < len(order) and offsets[order[done]] - base + lengths[order[done]] <= got:
+                    i = order[done]
+                    arrived.put(
+                        (i, bytes(memoryview(buf)[offsets[i] - base : offsets[i] - base + lengths[i]]))
+                    )
+                    done += 1
+
+            data = presigned.get(base, end, left, storage, sink)
+            self.counter.add(len(data))
+            if done < len(order):  # not streamed: an answer that was not partial
+                if len(data) != end - base:
+                    data = self._whole_object_fallback(bytes(data), base, end - base)
+                sink(bytearray(data), len(data))
+
+        try:
+            retrying(self.location.uri, storage, attempt)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            if stop.is_set():  # the reader is gone (and the failure may be its ``_Stopped``)
+                arrived.put(None)
+            else:
+                arrived.put(as_slide_error(exc) if isinstance(exc, StorageError) else exc)
+        else:
+            arrived.put(None)
+
+    def _fetch(self, spans: list[Span]) -> Iterator[tuple[int, bytes]]:
+        """Each span's bytes through the filesystem, whose own concurrency (s3fs, gcsfs, http: one
+        event loop) fetches them all at once; retried within the storage deadline."""
         fs, path = self._fs, self.location.path
         assert fs is not None
 
@@ -335,10 +444,56 @@ class RangeReader:
             return out
 
         try:
-            out = retrying(uri, storage, attempt)
+            out = retrying(self.location.uri, self.storage, attempt)
         except StorageError as exc:
             raise as_slide_error(exc) from None
-        yield from enumerate(out)
+        for k, data in enumerate(out):
+            self.counter.add(len(data))
+            start, end, _ = spans[k]
+            if len(data) != end - start:
+                data = self._whole_object_fallback(data, start, end - start)
+            yield k, data
+
+    # -- through the block cache -------------------------------------------------------------------
+    def _version(self) -> tuple[Hashable, int]:
+        """This object's cache key (endpoint, credentials, URI, size and tag) and size; one HEAD."""
+        with self._object_lock:
+            if self._object is None:
+                try:
+                    info = self._info or stat(self.location, self.storage)
+                except StorageError as exc:
+                    raise as_slide_error(exc) from None
+                who = hashlib.sha256(
+                    repr((self.storage.endpoint(), self.storage.credentials(), self.storage.anon)).encode()
+                ).hexdigest()[:16]
+                self._object = ((who, self.location.uri, info["size"], info["tag"]), info["size"])
+            return self._object
+
+    def _iter_blocks(self, offsets: list[int], lengths: list[int]) -> Iterator[tuple[int, bytes]]:
+        """Ranges assembled from aligned blocks: cached ones, ones other readers are fetching right
+        now (waited for), and the rest fetched here, merged and concurrently, then kept."""
+        assert self._blocks is not None
+        obj, size = self._version()
+        for off, n in zip(offsets, lengths, strict=True):
+            if off + n > size:
+                raise SlideReadError(
+                    self.location.uri, f"short read: bytes {off}-{off + n - 1} lie beyond its {size} bytes"
+                )
+        self._prepare()
+        pool = _shared("threads", self.storage.read_concurrency)
+        storage = self.storage
+        yield from read_through(
+            self._blocks,
+            obj,
+            size,
+            storage.block_cache_block,
+            offsets,
+            lengths,
+            self._fetch_one,
+            pool.submit,
+            gap=self._gap,
+            max_span=storage.max_request_bytes,
+        )
 
     def _whole_object_fallback(self, chunk: bytes, off: int, n: int) -> bytes:
         """A server that ignores Range sends the whole object: slice it, and say so once."""

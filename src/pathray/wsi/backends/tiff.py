@@ -6,6 +6,7 @@ import contextlib
 import math
 import threading
 import warnings
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -155,15 +156,25 @@ class TiffSlideBackend(Slide):
         ty0, ty1 = y0 // lv.tile_h, (y1 - 1) // lv.tile_h
         return [ty * lv.across + tx for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
 
+    def _decode(self, level: int, lv: TiledLevel, index: int, data: bytes) -> np.ndarray:
+        """One tile's pixels, kept in the tile cache."""
+        try:
+            decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables, _fullsize=True)
+        except Exception as exc:  # noqa: BLE001 - a codec's own error, said with the tile
+            ty, tx = divmod(index, lv.across)
+            raise SlideReadError(
+                self.uri, f"tile ({tx}, {ty}) of level {level} does not decode: {describe(exc)}"
+            ) from exc
+        tile = to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
+        self._cache.put((level, index), tile)
+        return tile
+
     def _fetch_tiles(self, level: int, lv: TiledLevel, wanted: list[int]) -> dict[int, np.ndarray]:
         """Decoded tiles by index: cached ones, the rest fetched in one concurrent batch of ranges."""
         tiles: dict[int, np.ndarray] = {}
-        batch = getattr(self._batch, "tiles", None)
         fetch = []
         for index in dict.fromkeys(wanted):
-            tile = batch.get(index) if batch is not None and self._batch.level == level else None
-            if tile is None:
-                tile = self._cache.get((level, index))
+            tile = self._cache.get((level, index))
             if tile is not None:
                 tiles[index] = tile
             elif lv.bytecounts[index] > 0:
@@ -173,38 +184,35 @@ class TiffSlideBackend(Slide):
                 [lv.offsets[i] for i in fetch], [lv.bytecounts[i] for i in fetch]
             )
             for k, data in arriving:  # decode each tile while the others are still on their way
-                index = fetch[k]
-                try:
-                    decoded, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables, _fullsize=True)
-                except Exception as exc:  # noqa: BLE001 - a codec's own error, said with the tile
-                    ty, tx = divmod(index, lv.across)
-                    raise SlideReadError(
-                        self.uri, f"tile ({tx}, {ty}) of level {level} does not decode: {describe(exc)}"
-                    ) from exc
-                tile = to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]))
-                self._cache.put((level, index), tile)
-                tiles[index] = tile
+                tiles[fetch[k]] = self._decode(level, lv, fetch[k], data)
         return tiles
 
     @contextlib.contextmanager
     def _prefetched(self, level: int, boxes: list[tuple[int, int, int, int]]) -> Iterator[None]:
         lv = self._tiled[level] if level < len(self._tiled) else None
-        if lv is None or not self._ranges.remote:  # a local pread per region is as fast, and lighter
-            yield
+        if lv is None or (lv.width, lv.height) != self._dims[level] or not self._ranges.remote:
+            yield  # local files: a pread per region is as fast, and lighter
             return
-        wanted = [i for box in boxes for i in self._tile_indices(lv, *box)]
-        self._batch.level = level
-        self._batch.tiles = self._fetch_tiles(level, lv, wanted)
+        self._batch.tiles = batch = _BatchRegions(self, level, lv, boxes)
         try:
             yield
         finally:
             self._batch.tiles = None
+            batch.close()
 
     def _read_tiles(self, level: int, lv: TiledLevel, x: int, y: int, w: int, h: int) -> np.ndarray:
+        batch: _BatchRegions | None = getattr(self._batch, "tiles", None)
+        made = batch.take((x, y, w, h)) if batch is not None and batch.level == level else None
+        if made is not None:
+            return made
         wanted = self._tile_indices(lv, x, y, w, h)
-        tiles = self._fetch_tiles(level, lv, wanted)
+        return self._assemble(lv, self._fetch_tiles(level, lv, wanted), x, y, w, h)
+
+    @staticmethod
+    def _assemble(lv: TiledLevel, tiles: dict[int, np.ndarray], x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The box ``(x, y, w, h)`` of a level from its decoded tiles; missing (empty) tiles are glass."""
         out = np.empty((h, w, 3), np.uint8)
-        for index in wanted:
+        for index in TiffSlideBackend._tile_indices(lv, x, y, w, h):
             ty, tx = divmod(index, lv.across)
             ox, oy = tx * lv.tile_w, ty * lv.tile_h
             sx0, sy0 = max(x, ox), max(y, oy)
@@ -240,3 +248,86 @@ class TiffSlideBackend(Slide):
             self._ts.close()
         finally:
             self._close_source(self._source)
+
+
+class _BatchRegions:
+    """The regions of one ``read_batch``, made in the order their tiles arrive.
+
+    All their tiles' bytes are requested at once; a region is assembled as soon as its last tile
+    is here (its tiles decoded then), and a decoded tile is dropped after its last region. So the
+    CPU decodes whatever has arrived instead of waiting for the region asked for next, and a batch
+    never holds hundreds of decoded tiles at a time (on object storage, allocating those cost more
+    than the requests).
+    """
+
+    def __init__(
+        self, slide: TiffSlideBackend, level: int, lv: TiledLevel, boxes: list[tuple[int, int, int, int]]
+    ) -> None:
+        self.slide, self.level, self.lv = slide, level, lv
+        width, height = slide.level_dimensions[level]
+        self.boxes: list[tuple[int, int, int, int]] = []
+        self.open: dict[tuple[int, int, int, int], deque[int]] = {}  # box -> its regions not taken yet
+        for x, y, w, h in boxes:  # clipped as Slide._read_level_padded clips them
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+            if x1 > x0 and y1 > y0:
+                self.open.setdefault((x0, y0, x1 - x0, y1 - y0), deque()).append(len(self.boxes))
+                self.boxes.append((x0, y0, x1 - x0, y1 - y0))
+        self.tiles_of = [slide._tile_indices(lv, *box) for box in self.boxes]
+        self.uses = Counter(i for tiles in self.tiles_of for i in tiles)
+        self.decoded: dict[int, np.ndarray] = {}
+        for i in self.uses:
+            tile = slide._cache.get((level, i))
+            if tile is not None:
+                self.decoded[i] = tile
+        self.fetch = [i for i in self.uses if i not in self.decoded and lv.bytecounts[i] > 0]
+        fetching = set(self.fetch)
+        self.waiting: dict[int, list[int]] = {}  # tile -> regions that wait for it
+        self.missing = [0] * len(self.boxes)  # tiles each region waits for
+        for k, tiles in enumerate(self.tiles_of):
+            for i in tiles:
+                if i in fetching:
+                    self.missing[k] += 1
+                    self.waiting.setdefault(i, []).append(k)
+        self.raw: dict[int, bytes] = {}
+        self.ready: dict[int, np.ndarray] = {}
+        # Listed by region, so the first regions' tiles are asked for first.
+        self._arriving = slide._ranges.iter_ranges(
+            [lv.offsets[i] for i in self.fetch], [lv.bytecounts[i] for i in self.fetch]
+        )
+
+    def take(self, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """The pixels of ``box`` (waiting for its tiles, making others meanwhile), or None if not ours."""
+        regions = self.open.get(box)
+        if not regions:
+            return None
+        k = regions.popleft()
+        while self.missing[k] > 0:
+            got = next(self._arriving, None)
+            if got is None:
+                raise SlideReadError(self.slide.uri, f"level {self.level}: tiles of a region never arrived")
+            index = self.fetch[got[0]]
+            self.raw[index] = got[1]
+            for j in self.waiting.get(index, ()):
+                self.missing[j] -= 1
+                if self.missing[j] == 0 and j != k:
+                    self.ready[j] = self._make(j)
+        made = self.ready.pop(k, None)
+        return made if made is not None else self._make(k)
+
+    def _make(self, k: int) -> np.ndarray:
+        tiles: dict[int, np.ndarray] = {}
+        for i in self.tiles_of[k]:
+            tile = self.decoded.get(i)
+            if tile is None and i in self.raw:
+                tile = self.slide._decode(self.level, self.lv, i, self.raw.pop(i))
+            if tile is not None:
+                tiles[i] = tile
+            self.uses[i] -= 1
+            if self.uses[i] > 0 and tile is not None:
+                self.decoded[i] = tile
+            else:
+                self.decoded.pop(i, None)
+        return self.slide._assemble(self.lv, tiles, *self.boxes[k])
+
+    def close(self) -> None:
+        self._arriving.close()  # requests not sent yet are dropped
