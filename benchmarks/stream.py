@@ -1,15 +1,20 @@
 """Tiles/s through the Ray Data stream vs the same reading code in a plain loop over 2 processes.
 
     python benchmarks/stream.py                        # 20k tiles (local, S3), then 5k and 50k for memory
-    python benchmarks/stream.py --tiles 2000 --small 1000 --big 10000
+    python benchmarks/stream.py --scale 0.1            # a quick check: 2k timed, 500 and 5k for memory
+    python benchmarks/stream.py --repeat 3             # 3 interleaved stream/plain pairs per store
 
-Both sides run the same functions (``sample_slide`` then ``TileReader``, augmentation included)
-on the same synthetic slides, on local disk and on the SeaweedFS endpoint (127.0.0.1), with 2
-CPUs. Peak memory is the summed PSS of the driver and every Ray process, sampled twice a second,
-so shared object-store pages are not counted twice. Last line:
-``stream_vs_plain=X peak_rss_mb=Y`` (X: the lower of the local and S3 ratios of overall tiles/s,
-start-up included; Y: at the 50k run). The table also shows the rates after the first delivery
-and the seconds to the first tiles, so start-up cost and steady throughput can be told apart.
+Both sides run the same code (``ChunkReader.read``: ``sample_slide`` then ``TileReader``,
+augmentation included) on the same synthetic slides, on local disk and on the SeaweedFS endpoint
+(127.0.0.1), with 2 CPUs. Peak memory is the summed PSS of the driver and every Ray process,
+sampled twice a second in the two memory runs only (sampling PSS costs CPU the timed runs would
+feel), so shared object-store pages are not counted twice. Last line:
+``stream_vs_plain=X peak_rss_mb=Y rss_growth=Z`` (X: the lower of the local and S3 ratios of
+overall tiles/s, start-up included, the median over ``--repeat`` pairs; Y: at the big run;
+Z: peak at the big run / peak at the small run, flat memory is 1.0). The table also shows the
+rates after the first delivery, the seconds to the first tiles, and the CPU seconds each side
+spent per 1000 tiles (every process: driver, Ray's, the pool's), so start-up cost, steady
+throughput and overhead can be told apart on a machine whose other load moves the wall clock.
 """
 
 from __future__ import annotations
@@ -49,20 +54,20 @@ def segmentation() -> Any:
     return build_task({"name": "segmentation"})
 
 
-def _plain_worker(args: tuple[list[dict], Any, Any]) -> int:
-    """One plain process: the stream's own functions, called in a loop."""
-    from pathray.datasets.stream import TileReader, sample_slide
+def _plain_worker(args: tuple[list[dict], Any, Any]) -> tuple[int, tuple[float, int] | None, float]:
+    """One plain process: the stream's reader actor's own code, called in a loop."""
+    from pathray.datasets.stream import ChunkReader
+    from pathray.storage import StorageConfig
     from pathray.wsi.patching.tissue import TissueConfig
 
     rows, config, storage = args
-    reader = TileReader(config, segmentation(), storage)
+    reader = ChunkReader(config, segmentation(), storage or StorageConfig(), TissueConfig())
     done, first = 0, None
     for row in rows:
-        coords = sample_slide(row, config, storage, TissueConfig(), worker=0, faults=None)
-        if not coords:
+        out = reader.read(row)
+        if out is None:
             continue
-        batch = {k: np.asarray([c[k] for c in coords]) for k in coords[0]}
-        n = len(reader(batch)["x"])
+        n = len(out["x"])
         if first is None:
             first = (time.time(), n)
         done += n
@@ -75,72 +80,99 @@ def plain(manifest: Any, config: Any, storage: Any) -> Rates:
 
     rows = slide_rows(manifest, "train", config)
     parts = [rows[0::2], rows[1::2]]
-    t0 = time.time()
-    with get_context("spawn").Pool(2) as pool:
-        out = pool.map(_plain_worker, [(p, config, storage) for p in parts])
+    with Usage() as usage:
+        t0 = time.time()
+        with get_context("spawn").Pool(2) as pool:
+            out = pool.map(_plain_worker, [(p, config, storage) for p in parts])
     total = sum(n for n, _, _ in out)
     firsts = [f for _, f, _ in out if f is not None]
     t_first = min(t for t, _ in firsts)
     after_first = total - sum(n for t, n in firsts if t == t_first)
     t_end = max(t for _, _, t in out)
-    return Rates(total, t_end - t0, after_first / (t_end - t_first), t_first - t0)
+    steady = after_first / (t_end - t_first)
+    return Rates(total, t_end - t0, steady, t_first - t0, usage.peak, usage.cpu_s)
 
 
-class PeakMemory:
-    """Summed PSS of this process and all its descendants (Ray's raylet, workers, object store)."""
+class Usage:
+    """What this process and all its descendants (Ray's raylet, workers, object store; the pool's
+    processes) use while it is open: CPU seconds and, with ``memory``, peak summed PSS.
 
-    def __init__(self) -> None:
+    Sampled twice a second: a process's CPU time counts up to its last sample, so one that ends
+    between two samples loses at most half a second of it. PSS costs ~50 ms of this process's CPU
+    a sample (the kernel walks every Ray process's object-store mapping), so only the memory runs
+    take it: the timed runs, either side, pay a few /proc reads.
+    """
+
+    def __init__(self, memory: bool = False) -> None:
         import psutil
 
         self._psutil = psutil
+        self._memory = memory
         self.peak = 0.0
+        self._base: dict[int, float] = {}
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> float:
+    def _sample(self, first: bool = False) -> None:
         me = self._psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_full_info().pss
+                with p.oneshot():
+                    t = p.cpu_times()
+                    total += p.memory_full_info().pss if self._memory else 0
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-                pass
-        return total / 2**20
+                continue
+            self._base.setdefault(p.pid, t.user + t.system if first else 0.0)
+            self._cpu[p.pid] = t.user + t.system
+        self.peak = max(self.peak, total / 2**20)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(0.5)
+        while not self._stop.wait(0.5):
+            self._sample()
 
-    def __enter__(self) -> PeakMemory:
+    @property
+    def cpu_s(self) -> float:
+        return sum(cpu - self._base[pid] for pid, cpu in self._cpu.items())
+
+    def __enter__(self) -> Usage:
+        self._sample(first=True)  # processes there before: only their CPU time from now on counts
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 @dataclass
 class Rates:
-    """Tiles delivered, wall seconds, tiles/s after the first delivery, seconds to the first."""
+    """Tiles delivered, wall seconds, tiles/s after the first delivery, seconds to the first,
+    peak PSS (MB) and CPU seconds of every process."""
 
     tiles: int
     seconds: float
     steady: float
     startup: float
     peak_mb: float = 0.0
+    cpu_s: float = 0.0
 
     @property
     def overall(self) -> float:
         return self.tiles / self.seconds
 
+    @property
+    def cpu_per_1k(self) -> float:
+        return 1000 * self.cpu_s / self.tiles
 
-def stream(manifest: Any, config: Any, storage: Any) -> Rates:
+
+def stream(manifest: Any, config: Any, storage: Any, memory: bool = False) -> Rates:
     """The Ray Data stream into one consumer; the clock runs from before the dataset is built."""
     from pathray.datasets.stream import build_tile_dataset
 
-    with PeakMemory() as mem:
+    with Usage(memory) as usage:
         t0 = time.time()
         ds = build_tile_dataset(manifest, config, segmentation(), storage, split="train")
         total, first = 0, None
@@ -151,7 +183,8 @@ def stream(manifest: Any, config: Any, storage: Any) -> Rates:
             total += n
         t_end = time.time()
     assert first is not None, "the stream delivered nothing"
-    return Rates(total, t_end - t0, (total - first[1]) / (t_end - first[0]), first[0] - t0, mem.peak)
+    steady = (total - first[1]) / (t_end - first[0])
+    return Rates(total, t_end - t0, steady, first[0] - t0, usage.peak, usage.cpu_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", type=int, default=20000, help="tiles per timed run")
     parser.add_argument("--small", type=int, default=5000, help="tiles of the first memory run")
     parser.add_argument("--big", type=int, default=50000, help="tiles of the second memory run")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies --tiles, --small and --big")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved stream/plain pairs per store")
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     args = parser.parse_args(argv)
+    tiles, small_n, big_n = (
+        max(args.slides, round(n * args.scale)) for n in (args.tiles, args.small, args.big)
+    )
 
     from pathray.cluster.local import LocalObjectStore
     from pathray.cluster.ray_local import ensure_ray
@@ -171,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     path = write_slides(args.workdir, args.slides, args.size)
     local = load_manifest(path)
-    config = stream_config(args.tiles // args.slides)
-    results: dict[str, tuple[Rates, Rates]] = {}
+    config = stream_config(tiles // args.slides)
+    results: dict[str, list[tuple[Rates, Rates]]] = {}
     with LocalObjectStore() as store:
         # after the store: its credentials are in this process's environment, which Ray's workers inherit
         ensure_ray(num_cpus=2, log_to_driver=False)
@@ -188,29 +226,38 @@ def main(argv: list[str] | None = None) -> int:
             ("local disk", local, None),
             ("SeaweedFS S3", remote, store.storage_config()),
         ):
-            results[name] = (stream(frame, config, storage), plain(frame, config, storage))
-    small = stream(local, stream_config(args.small // args.slides), None)
-    big = stream(local, stream_config(args.big // args.slides), None)
+            results[name] = [
+                (stream(frame, config, storage), plain(frame, config, storage)) for _ in range(args.repeat)
+            ]
+    small = stream(local, stream_config(small_n // args.slides), None, memory=True)
+    big = stream(local, stream_config(big_n // args.slides), None, memory=True)
 
     print(
-        f"\n{args.slides} synthetic slides of {args.size}^2 px, 224 px tiles at 0.5 um/px, augmented, 2 CPUs"
+        f"\n{args.slides} synthetic slides of {args.size}^2 px, 224 px tiles at 0.5 um/px, augmented, "
+        f"2 CPUs, load average {os.getloadavg()[0]:.1f}"
     )
-    print("tiles/s overall (clock from before start) and steady (after the first delivery); s to first tiles")
+    print(
+        "tiles/s overall (clock from before start) and steady (after the first delivery); s to first tiles; "
+        "CPU s per 1000 tiles"
+    )
     head = f"{'where':14s} {'tiles':>7s} {'stream':>8s} {'plain':>8s} {'ratio':>6s}"
-    print(f"{head} {'steady s/p':>11s} {'ratio':>6s} {'first s/p':>10s}")
+    print(f"{head} {'steady s/p':>11s} {'ratio':>6s} {'first s/p':>10s} {'cpu s/p':>10s}")
     ratios = []
-    for name, (s_, p_) in results.items():
-        ratios.append(s_.overall / p_.overall)
-        print(
-            f"{name:14s} {s_.tiles:7d} {s_.overall:8.0f} {p_.overall:8.0f} {s_.overall / p_.overall:6.2f} "
-            f"{s_.steady:5.0f}/{p_.steady:<5.0f} {s_.steady / p_.steady:6.2f} "
-            f"{s_.startup:4.1f}/{p_.startup:<4.1f}"
-        )
+    for name, pairs in results.items():
+        for s_, p_ in pairs:
+            rates = f"{s_.overall:8.0f} {p_.overall:8.0f} {s_.overall / p_.overall:6.2f}"
+            steady = f"{s_.steady:5.0f}/{p_.steady:<5.0f} {s_.steady / p_.steady:6.2f}"
+            costs = f"{s_.startup:4.1f}/{p_.startup:<4.1f} {s_.cpu_per_1k:4.1f}/{p_.cpu_per_1k:<4.1f}"
+            print(f"{name:14s} {s_.tiles:7d} {rates} {steady} {costs}")
+        ratios.append(float(np.median([s_.overall / p_.overall for s_, p_ in pairs])))
     print(
         f"peak memory (PSS of driver + Ray): {small.peak_mb:.0f} MB streaming {small.tiles} tiles, "
         f"{big.peak_mb:.0f} MB streaming {big.tiles} tiles ({big.overall:.0f} tiles/s)"
     )
-    print(f"stream_vs_plain={min(ratios):.2f} peak_rss_mb={big.peak_mb:.0f}")
+    print(
+        f"stream_vs_plain={min(ratios):.2f} peak_rss_mb={big.peak_mb:.0f} "
+        f"rss_growth={big.peak_mb / small.peak_mb:.2f}"
+    )
     return 0
 
 

@@ -38,5 +38,6 @@ def test_slide_backends_are_registered():
     import pathray.wsi.backends.open  # noqa: F401
     import pathray.wsi.backends.openslide  # noqa: F401
     import pathray.wsi.backends.tiff  # noqa: F401
+    import pathray.wsi.backends.tifffile_slide  # noqa: F401
 
-    assert SLIDE_BACKENDS.names() == ["openslide", "tiffslide"]
+    assert SLIDE_BACKENDS.names() == ["openslide", "tifffile", "tiffslide"]

@@ -226,3 +226,52 @@ def test_ssl_views_reach_torch(ray_local, manifest):
     assert "target" not in b and "image" not in b
     assert isinstance(b["slide_id"], list) and b["slide_id"][0].startswith("slide_")
     assert b["x"].dtype == torch.int64
+
+
+def test_the_stream_cuts_what_its_reader_cuts_in_a_plain_loop(ray_local, manifest):
+    """Two readers at once, sampling and cutting in one call: the same tiles, pixels and targets
+    as ``ChunkReader.read`` over the same rows in this process (what benchmarks/stream.py compares)."""
+    from pathray.datasets.stream import ChunkReader, slide_rows
+    from pathray.models.tasks import build_task
+    from pathray.storage import StorageConfig
+    from pathray.wsi.patching import TissueConfig
+
+    settings = {"sampler": {"kind": "random_tissue", "tiles_per_slide": TILES}, "read_batch": 5}
+    rows = stream(manifest, augmentation=True, readers=2, **settings)
+    config = StreamConfig(augmentation=True, readers=2, **settings)
+    reader = ChunkReader(config, build_task({"name": "segmentation"}), StorageConfig(), TissueConfig())
+    plain = []
+    for row in slide_rows(manifest, "train", config):
+        out = reader.read(row)
+        plain.extend({k: out[k][i] for k in out} for i in range(len(out["x"])))
+    plain.sort(key=lambda r: (str(r["slide_id"]), int(r["x"]), int(r["y"])))
+    assert len(rows) == len(plain) == len(manifest) * TILES
+    for a, b in zip(rows, plain, strict=True):
+        assert (a["slide_id"], a["x"], a["y"], a["epoch"]) == (b["slide_id"], b["x"], b["y"], b["epoch"])
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["target"], b["target"])
+
+
+def test_how_many_readers_changes_nothing_streamed(ray_local, manifest):
+    """One reader or three, each sampling and cutting its rows: the same tiles of the same epochs."""
+    settings = {"sampler": {"kind": "random_tissue", "tiles_per_slide": 6}, "read_batch": 2, "epochs": 2}
+
+    def coords(readers: int) -> list[tuple]:
+        rows = stream(manifest, readers=readers, **settings)
+        return [(str(r["slide_id"]), int(r["epoch"]), int(r["x"]), int(r["y"])) for r in rows]
+
+    one = coords(1)
+    assert coords(3) == one
+    assert len(one) == len(manifest) * 6 * 2
+
+
+def test_a_stream_of_unreadable_slides_ends_empty_and_names_them(ray_local, testdata):
+    from pathray.datasets.faults import FaultLedger
+
+    broken = ["broken/broken.svs", "broken/notanimage.txt"]
+    frame = pd.DataFrame(
+        [{"slide_id": Path(b).stem, "uri": str(testdata / b), "split": "train"} for b in broken]
+    )
+    faults = FaultLedger()
+    rows = stream(frame, faults=faults, sampler={"kind": "random_tissue", "tiles_per_slide": TILES})
+    assert rows == []
+    assert set(faults.summary()["failed_slides"]) == {str(testdata / b) for b in broken}

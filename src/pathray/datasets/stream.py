@@ -9,18 +9,23 @@ Nothing is pre-extracted: each epoch samples new coordinates inside tissue, and 
 (each keeping an LRU of open slides) cut the tiles from local disk or object storage by byte
 ranges, a batch per slide at a time. Execution streams with bounded memory; a slide that
 cannot be read is logged once, counted, and left out while the stream goes on.
+
+One Ray Data operator does the work: a reader samples a (slide, chunk, epoch) row's coordinates
+and cuts its tiles in the same call, so no coordinate blocks cross the object store and no
+sampling tasks start processes of their own beside the readers.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from pathray.datasets.augment import augment, multicrop
+from pathray.datasets.augment import augment, hsv_tile_ok, multicrop
 from pathray.datasets.config import StreamConfig
 from pathray.datasets.manifest import manifest_mpp
 from pathray.models.tasks import TaskSpec
@@ -111,7 +116,7 @@ def sample_slide(
 
 
 class TileReader:
-    """A reader actor: keeps slides and annotations open, cuts a batch of tiles per slide at once.
+    """Cuts a batch of tiles per slide at once; slides and annotations stay open in the process.
 
     What a tile becomes (an image and its target, or multi-crop views) is the task spec's say.
     """
@@ -207,7 +212,7 @@ class TileReader:
         images: dict[str, list[np.ndarray]] = {}
         targets: list[Any] = []
         for i, tile in enumerate(tiles):
-            if tile is None:
+            if tile is None or not hsv_tile_ok(tile, cfg.augment):  # augment.hsv_filter: Midnight's
                 continue
             uri = str(batch["uri"][i])
             x, y, mpp, size = (
@@ -249,6 +254,48 @@ class TileReader:
         return out
 
 
+def python_value(value: Any) -> Any:
+    """A numpy scalar as its Python value (batches hold strings as ``str`` or ``np.str_``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class ChunkReader:
+    """The reader actor: for each (slide, chunk, epoch) row, samples its coordinates and cuts its tiles.
+
+    The same two steps a plain loop would take (``sample_slide`` then ``TileReader``), in one
+    process: a slide's handle, mask and annotations, opened to sample, serve its reads too.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        task: TaskSpec,
+        storage: StorageConfig,
+        tissue: TissueConfig,
+        worker: int = 0,
+        faults: FaultLedger | None = None,
+    ) -> None:
+        self.config, self.storage, self.tissue = config, storage, tissue
+        self.worker, self.faults = worker, faults
+        self.tiles = TileReader(config, task, storage, faults)
+
+    def read(self, row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        """The tiles of one ``slide_rows`` row; None when its slide could not be read or every read
+        was skipped (the ledger has counted them)."""
+        coords = sample_slide(row, self.config, self.storage, self.tissue, self.worker, self.faults)
+        if not coords:
+            return None
+        out = self.tiles({key: np.asarray([c[key] for c in coords]) for key in coords[0]})
+        return out if len(out["x"]) else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """One output batch per row, out as soon as it is cut."""
+        for i in range(len(batch["uri"])):
+            out = self.read({key: python_value(values[i]) for key, values in batch.items()})
+            if out is not None:
+                yield out
+
+
 def build_tile_dataset(
     manifest: pd.DataFrame,
     config: StreamConfig,
@@ -286,24 +333,23 @@ def build_tile_dataset(
     rows = slide_rows(manifest, split, config, range(epoch, epoch + max(1, epochs)))
     if not rows:
         raise ValueError(f"the manifest has no slides in split {split!r}")
-    slides = ray.data.from_items(rows, override_num_blocks=len(rows))  # one sampling task per chunk
-    coords = slides.flat_map(
-        sample_slide,
-        fn_kwargs={
+    readers = max(1, config.readers)
+    slides = ray.data.from_items(rows, override_num_blocks=len(rows))  # a reader call per row
+    return slides.map_batches(
+        ChunkReader,
+        fn_constructor_kwargs={
             "config": config,
+            "task": task,
             "storage": storage,
             "tissue": tissue or TissueConfig(),
             "worker": worker,
             "faults": faults,
         },
-        num_cpus=config.reader_cpus,
-    )
-    return coords.map_batches(
-        TileReader,
-        fn_constructor_kwargs={"config": config, "task": task, "storage": storage, "faults": faults},
-        batch_size=config.read_batch,
+        batch_size=1,  # one (slide, chunk) row per call: its tiles are one output block
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.readers)),
+        # Every reader starts at once (none is waited for) instead of one first and the rest when
+        # the pool's autoscaler sees a queue; each has a call queued behind the one it runs.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=readers),
         num_cpus=config.reader_cpus,
     )
 
