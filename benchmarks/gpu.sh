@@ -98,6 +98,7 @@ if [ "$MODE" = gpu ]; then
   FOUNDATION=(--gpu --presets kaiko_vits16 phikon uni virchow2 h_optimus_0 gigapath --n 512 --batch 64)
   FSDP=(--gpu --preset h_optimus_0 --batch 32 --steps 5 --warmup 2)
   FSDP_GC=(--gpu --preset h_optimus_0 --batch 64 --steps 3 --warmup 1 --grad-checkpointing)
+  SSL=(--gpu --batch 32 --steps 10 --warmup 3)
   DECODE=()
   ENV_CMD=(bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
 \"$PY\" -c 'import torch, timm, pydantic; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
@@ -106,6 +107,7 @@ else  # the same checks, tiny: small presets, few tiles, a 2-block ViT-g, one st
   FOUNDATION=(--presets kaiko_vits16 h0_mini --n 2 --batch 2 --warmup 0 --size 112)
   FSDP=(--preset h_optimus_0 --depth 2 --size 28 --batch 2 --steps 1 --warmup 0)
   FSDP_GC=(--preset h_optimus_0 --depth 2 --size 28 --batch 2 --steps 1 --warmup 0 --grad-checkpointing)
+  SSL=(--depth 1 --size 64 --local-size 32 --batch 2 --steps 1 --warmup 0 --out-dim 256)
   DECODE=(--size 1024 --tiles 32 --batch 16)
   ENV_CMD=("$PY" -c "import torch, pydantic; from pathray.models.timm_compat import import_timm; \
 print('torch', torch.__version__, 'timm', import_timm().__version__, 'pydantic', pydantic.__version__, \
@@ -119,6 +121,9 @@ check foundation 240 "$PY" benchmarks/foundation.py "${FOUNDATION[@]}"
 # AdamW and bf16 autocast, without Ray; then with gradient checkpointing at twice the batch
 check fsdp_vitg 180 "$PY" benchmarks/fsdp_step.py "${FSDP[@]}"
 check fsdp_vitg_gc 150 "$PY" benchmarks/fsdp_step.py "${FSDP_GC[@]}"
+# DINOv2 pretraining steps of a ViT-S/16 (2x224 + 8x96 crops, 65536 prototypes), bf16: images/s
+# per worker beside DINOv2's published per-A100 figure
+check ssl 90 "$PY" benchmarks/ssl.py "${SSL[@]}"
 # --- GPU JPEG decode comparison (nvJPEG vs CPU): benchmarks/gpu_decode.py, another helper's ---------
 if [ -f benchmarks/gpu_decode.py ]; then
   check gpu_decode 150 "$PY" benchmarks/gpu_decode.py "${DECODE[@]}"

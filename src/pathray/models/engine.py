@@ -129,10 +129,13 @@ class Engine(nn.Module):
         """Depth of backbone parameter ``name`` for LR decay; the default applies no decay."""
         return self.num_layers
 
-    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
-        """Optimizer groups: layer-wise LR decay over the backbone, no weight decay on norms,
-        biases and position/class tokens. Frozen parameters are left out; task heads are not
-        part of the engine, so the caller adds them at full lr."""
+    def param_groups(
+        self, lr: float, weight_decay: float, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups: layer-wise LR decay over the backbone (a ViT's patch embedding times
+        ``patch_embed_lr_mult`` besides, DINOv2's 0.2), no weight decay on norms, biases and
+        position/class tokens. Frozen parameters are left out; task heads are not part of the
+        engine, so the caller adds them at full lr."""
         skip = set(getattr(self.backbone, "no_weight_decay", set)())
         groups: dict[tuple[float, bool], dict[str, Any]] = {}
         for name, param in self.named_parameters():
@@ -142,6 +145,8 @@ class Engine(nn.Module):
             if name.startswith("backbone."):
                 sub = name.removeprefix("backbone.")
                 scale = layer_decay ** (self.num_layers - self.layer_id(sub))
+                if sub.startswith("patch_embed."):
+                    scale *= patch_embed_lr_mult
             decay = not (param.ndim <= 1 or name.endswith(".bias") or sub in skip)
             group = groups.setdefault(
                 (scale, decay),

@@ -57,6 +57,13 @@ class LinearHead(nn.Module):
         return self.fc(pooled)
 
 
+class EmbeddingHead(nn.Module):
+    """No parameters: the engine's pooled embedding is the output (an embedding package's head)."""
+
+    def forward(self, pooled: Tensor, dense: Tensor | None = None, out_hw: Any = None) -> Tensor:
+        return pooled
+
+
 class ConfusionMetric(CountAccumulator):
     """A confusion matrix over argmax predictions (pixels or tiles) and the scores read from it."""
 

@@ -151,16 +151,61 @@ def linear_probe(
     return {"accuracy": float(np.trace(cm) / cm.sum()), "macro_f1": macro_f1(cm)}
 
 
+def knn_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 20, temperature: float = 0.07
+) -> dict[str, float]:
+    """DINO's weighted k-NN classifier: cosine similarity to the ``k`` nearest training embeddings,
+    each voting for its label with weight ``exp(sim / temperature)``. ``accuracy`` and ``macro_f1``."""
+    xtr = torch.nn.functional.normalize(train_x.detach().double(), dim=1)
+    xte = torch.nn.functional.normalize(test_x.detach().double(), dim=1)
+    ytr, yte = train_y.long().reshape(-1), test_y.long().reshape(-1)
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    sims, idx = (xte @ xtr.T).topk(min(k, len(xtr)), dim=1)
+    votes = torch.zeros(len(xte), n_classes, dtype=torch.float64)
+    votes.scatter_add_(1, ytr[idx], (sims / temperature).exp())
+    cm = confusion_matrix(yte, votes.argmax(1), n_classes)
+    return {"accuracy": float(np.trace(cm) / cm.sum()), "macro_f1": macro_f1(cm)}
+
+
+def ssl_scores(embeddings: Tensor, labels: Tensor, groups: list[str]) -> dict[str, float]:
+    """What an SSL run is watched by, on a fixed held-out tile set: ``rankme`` and ``odcorr`` of the
+    embeddings, and ``knn_acc`` / ``linear_acc`` of probes fitted on half of the slides (every other
+    one, sorted) and scored on the rest (every other tile when all come from one slide). Probe
+    scores are NaN when the labels leave nothing to tell apart."""
+    scores = {"rankme": rankme(embeddings), "odcorr": odcorr(embeddings)}
+    names = sorted(set(groups))
+    if len(names) >= 2:
+        fit_groups = set(names[::2])
+        fit = torch.tensor([g in fit_groups for g in groups])
+    else:
+        fit = torch.arange(len(groups)) % 2 == 0
+    y = labels.long().reshape(-1)
+    if fit.any() and (~fit).any() and len(set(y[fit].tolist())) > 1:
+        knn = knn_probe(embeddings[fit], y[fit], embeddings[~fit], y[~fit])
+        linear = linear_probe(embeddings[fit], y[fit], embeddings[~fit], y[~fit])
+        scores |= {"knn_acc": knn["accuracy"], "linear_acc": linear["accuracy"]}
+    else:
+        scores |= {"knn_acc": math.nan, "linear_acc": math.nan}
+    return scores
+
+
 class EmbeddingMetric:
     """Collects teacher embeddings (up to ``max_samples``) for ``rankme`` and ``odcorr``."""
 
     def __init__(self, max_samples: int = 8192) -> None:
         self.max_samples = max_samples
         self.parts: list[np.ndarray] = []
+        self.losses: dict[str, list[float]] = {}  # an SSL step's loss parts ("loss/dino", ...), averaged
 
     @torch.no_grad()
-    def update(self, outputs: dict[str, Any], batch: dict[str, Any] | None = None) -> None:
-        emb = outputs["embedding"] if "embedding" in outputs else outputs["teacher"][0]
+    def update(self, outputs: dict[str, Any] | Tensor, batch: dict[str, Any] | None = None) -> None:
+        """``outputs``: embeddings, or a dict with ``embedding`` (else the first ``teacher`` view)."""
+        if isinstance(outputs, Tensor):
+            emb = outputs
+        else:
+            emb = outputs["embedding"] if "embedding" in outputs else outputs["teacher"][0]
+            for name, value in outputs.get("losses", {}).items():
+                self.losses.setdefault(name, []).append(float(value))
         self.merge({"embeddings": emb.detach().float().cpu().numpy()})
 
     def state(self) -> dict[str, np.ndarray]:
@@ -173,6 +218,7 @@ class EmbeddingMetric:
 
     def compute(self) -> dict[str, float]:
         x = torch.from_numpy(self.state()["embeddings"])
+        losses = {name: float(np.mean(values)) for name, values in self.losses.items()}
         if len(x) < 2:
-            return {"rankme": math.nan, "odcorr": math.nan}
-        return {"rankme": rankme(x), "odcorr": odcorr(x)}
+            return {"rankme": math.nan, "odcorr": math.nan, **losses}
+        return {"rankme": rankme(x), "odcorr": odcorr(x), **losses}

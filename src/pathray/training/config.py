@@ -33,6 +33,15 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.01, description="cosine floor as a fraction of lr")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip_grad: float | None = 1.0
+    weight_decay_end: float | None = Field(
+        None, ge=0, description="weight decay at the end, on a cosine from weight_decay (DINOv2: 0.04 -> 0.2)"
+    )
+    lr_batch_scaling: Literal["none", "sqrt"] = Field(
+        "none", description="sqrt: lr * sqrt(global batch / 1024), as DINOv2 scales it"
+    )
+    patch_embed_lr_mult: float = Field(
+        1.0, gt=0, le=1, description="lr multiplier of a ViT's patch embedding (DINOv2: 0.2)"
+    )
 
 
 class ScaleConfig(Section):
@@ -82,6 +91,12 @@ class TrainConfig(Section):
         "with the best score is the one kept, exported and tested; null, or no such slides: the last",
     )
     val_tiles_per_slide: int = Field(32, ge=1, description="tiles per val slide scored at each checkpoint")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="steps between val scores (SSL: RankMe, ODCorr, kNN and linear probes on fixed held-out "
+        "tiles), besides every checkpoint; null: at checkpoints only",
+    )
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many val scores in a row without a better one; null: never"
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,22 +139,9 @@ def evaluate_ssl(
     with random_init_expected():
         backbone = build_engine(engine.model_copy(update={"weights": None}))
     backbone.load_backbone_weights(str(Path(checkpoint_dir) / CHECKPOINT_FILE))
-    backbone.eval()
-    labels_task = build_task(ClassificationConfig())
-    size = backbone.data_config["input_size"][-1]
-    embeddings, labels, slide_ids = [], [], []
-    with torch.no_grad():
-        for batch in tiles.batches(labels_task, "class_balanced"):
-            images = batch["image"]
-            if images.shape[1] != size:  # the probe sees tiles at the engine's input size
-                x = images.permute(0, 3, 1, 2).float()
-                images = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
-                images = images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            pooled, _ = backbone(backbone.normalize(images))
-            embeddings.append(pooled)
-            labels.append(batch["target"])
-            slide_ids.extend(batch["slide_id"])
-    x, y = torch.cat(embeddings), torch.cat(labels)
+    x, y, slide_ids = embed_batches(
+        backbone, tiles.batches(build_task(ClassificationConfig()), "class_balanced")
+    )
     scores = {"test/rankme": rankme(x), "test/odcorr": odcorr(x), "test/tiles": float(len(x))}
     manifest = tiles.manifest
     train_slides = set(manifest.loc[manifest["split"] == "train", "slide_id"].astype(str))
@@ -165,3 +152,31 @@ def evaluate_ssl(
         probe = linear_probe(x[in_train], y[in_train], x[~in_train], y[~in_train])
         scores.update({f"test/probe_{k}": float(v) for k, v in probe.items()})
     return scores
+
+
+def embed_batches(
+    engine: torch.nn.Module, batches: Iterable[dict[str, Any]], device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Pooled embeddings (float32, on CPU), targets and slide ids of labelled tile batches, the
+    engine in eval mode (restored after), tiles resized to the engine's input size."""
+    size = engine.data_config["input_size"][-1]
+    embeddings, labels, slide_ids = [], [], []
+    was_training = engine.training
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                images = batch["image"].to(device)
+                if images.shape[1] != size:  # probes see tiles at the engine's input size
+                    x = images.permute(0, 3, 1, 2).float()
+                    images = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
+                    images = images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+                pooled, _ = engine(engine.normalize(images))
+                embeddings.append(pooled.float().cpu())
+                labels.append(batch["target"].cpu())
+                slide_ids.extend(str(s) for s in batch["slide_id"])
+    finally:
+        engine.train(was_training)
+    if not embeddings:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), []
+    return torch.cat(embeddings), torch.cat(labels), slide_ids

@@ -58,9 +58,7 @@ def summary(table: Any, level: float = 0.95) -> Any:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-def study_report(
-    table: Any, foundation: str = "foundation", cnn: str = "cnn", curves: Any = None
-) -> str:
+def study_report(table: Any, foundation: str = "foundation", cnn: str = "cnn", curves: Any = None) -> str:
     """report.md: the seed's three questions answered from this experiment, beside its figures
     (``curves``: :func:`iteration_curves`, for F1 against iterations)."""
     s = summary(table)

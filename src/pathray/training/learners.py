@@ -58,13 +58,16 @@ class Learner(Protocol):
     """What the training loop calls, step by step."""
 
     exports_package: ClassVar[bool]
-    validates: ClassVar[bool]  # scores val tiles at checkpoints, and the best checkpoint is kept
+    validates: ClassVar[bool]  # scores fixed held-out tiles at checkpoints (and every eval_every steps)
+    selects_checkpoint: ClassVar[bool]  # the checkpoint with the best val score is the one kept
+    val_prefix: ClassVar[str]  # what its val scores are recorded under: "val/", "ssl/"
     model: nn.Module
     trainable: nn.Module
     task: TaskSpec
 
     def prepare(self, strategy: str) -> None: ...
     def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]: ...
+    def before_step(self, step: int) -> None: ...
     def after_step(self, progress: float) -> None: ...
     def state(self) -> dict[str, Any]: ...
     def load(self, saved: dict[str, Any]) -> None: ...
@@ -75,6 +78,16 @@ class Learner(Protocol):
         engine: EngineConfig, task: TaskSpec, checkpoint: Path, tiles: EvalTiles
     ) -> dict[str, float]:
         """Scores of the run's final checkpoint (empty when there is nothing to score on)."""
+        ...
+
+    @staticmethod
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
+        """The task whose targets the val tiles carry, and the sampler that draws them."""
+        ...
+
+    @staticmethod
+    def packaged(engine: EngineConfig, task: TaskSpec, checkpoint: Path) -> tuple[nn.Module, Any]:
+        """The module a run's checkpoint exports as a model package, and the package's task config."""
         ...
 
 
@@ -105,6 +118,8 @@ class SupervisedLearner:
 
     exports_package = True
     validates = True
+    selects_checkpoint = True
+    val_prefix = "val/"
 
     def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
         from pathray.models.task_model import build_model
@@ -118,6 +133,9 @@ class SupervisedLearner:
     def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
         outputs = self.trainable(batch["image"])
         return self.task.loss(outputs, batch, progress=progress), outputs
+
+    def before_step(self, step: int) -> None:
+        pass
 
     def after_step(self, progress: float) -> None:
         pass
@@ -154,17 +172,33 @@ class SupervisedLearner:
             return {}
         return evaluate_supervised(engine, task, checkpoint, tiles)
 
+    @staticmethod
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
+        return task, "random_tissue"
+
+    @staticmethod
+    def packaged(engine: EngineConfig, task: TaskSpec, checkpoint: Path) -> tuple[nn.Module, Any]:
+        """The task model, strictly loaded."""
+        from pathray.training.evaluate import load_trained
+
+        model, _ = load_trained(engine, task, checkpoint)
+        return model, task.config
+
 
 @LEARNERS.register("dino")
 class DinoLearner:
     """Self-supervised DINO: a student trained on all views, an EMA teacher on the global ones.
 
     Its checkpoint's ``teacher`` entry is the teacher backbone, which ``engine.weights`` of a
-    fine-tuning project loads.
+    fine-tuning project loads; the run exports it as an ``embedding`` model package. At checkpoints
+    (and every ``train.eval_every`` steps) the teacher is watched on fixed held-out tiles: RankMe,
+    ODCorr, a kNN and a linear probe (``ssl/...`` in the history).
     """
 
-    exports_package = False
-    validates = False  # its scores (RankMe, probes) are computed once the run ends
+    exports_package = True
+    validates = True
+    selects_checkpoint = False  # an SSL run keeps its last checkpoint
+    val_prefix = "ssl/"
 
     def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
         from pathray.models.dino import DinoModel, make_teacher
@@ -172,7 +206,9 @@ class DinoLearner:
 
         backbone = build_engine(engine)
         self.task = task
-        self.model = DinoModel(backbone, task.build_head(backbone.embed_dim, backbone.dense_channels))
+        self.model: nn.Module = DinoModel(
+            backbone, task.build_head(backbone.embed_dim, backbone.dense_channels)
+        )
         self.teacher = make_teacher(self.model)
         self.trainable: nn.Module = self.model
 
@@ -193,6 +229,9 @@ class DinoLearner:
         outputs = dino_forward(self.trainable, self.teacher, global_views, local_views)
         return self.task.loss(outputs, batch, progress=progress), outputs
 
+    def before_step(self, step: int) -> None:
+        pass
+
     def after_step(self, progress: float) -> None:
         from pathray.models.dino import update_teacher
 
@@ -209,16 +248,34 @@ class DinoLearner:
             "model": model_state(self.trainable),
             "teacher_model": teacher,
             "teacher": backbone,  # what `engine.weights` loads into a foundation engine
-            "task": self.task.state_dict(),
+            "task": self.task_state(),
         }
+
+    def task_state(self) -> dict[str, Any]:
+        return self.task.state_dict()
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        self.task.load_state_dict(state)
 
     def load(self, saved: dict[str, Any]) -> None:
         load_model_state(self.trainable, saved["model"])
         load_model_state(self.teacher, saved["teacher_model"])
-        self.task.load_state_dict(saved["task"])
+        self.load_task_state(saved["task"])
 
     def validate(self, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
-        return {}
+        """RankMe, ODCorr, kNN and linear probe accuracy of the teacher on the fixed held-out tiles."""
+        from pathray.models.metrics import ssl_scores
+        from pathray.training.evaluate import embed_batches
+
+        sharded = is_sharded(self.teacher)
+        if sharded:  # the engine is called directly, not through the root: gather the root's own parameters
+            self.teacher.unshard()
+        try:
+            x, y, slides = embed_batches(unwrap(self.teacher).engine, batches, device)
+        finally:
+            if sharded:
+                self.teacher.reshard()
+        return ssl_scores(x, y, slides) if len(x) > 1 else {}
 
     @staticmethod
     def evaluate(
@@ -228,3 +285,86 @@ class DinoLearner:
         from pathray.training.evaluate import evaluate_ssl
 
         return evaluate_ssl(engine, task, checkpoint, replace(tiles, split=None))
+
+    @staticmethod
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
+        """Class-balanced tiles labelled with the annotated class they were drawn from."""
+        from pathray.models.tasks import ClassificationConfig, build_task
+
+        return build_task(ClassificationConfig()), "class_balanced"
+
+    @staticmethod
+    def packaged(engine: EngineConfig, task: TaskSpec, checkpoint: Path) -> tuple[nn.Module, Any]:
+        """The teacher backbone as an ``embedding`` model (its pooled embedding is the output)."""
+        from pathray.models.foundation import random_init_expected
+        from pathray.models.task_model import build_model
+        from pathray.models.tasks import EmbeddingConfig
+        from pathray.training.evaluate import CHECKPOINT_FILE
+
+        with random_init_expected():
+            model, _ = build_model(engine.model_copy(update={"weights": None}), EmbeddingConfig())
+        model.engine.load_backbone_weights(str(checkpoint / CHECKPOINT_FILE))
+        return model.eval(), EmbeddingConfig()
+
+
+@LEARNERS.register("dinov2")
+class DinoV2Learner(DinoLearner):
+    """DINOv2: DINO on class tokens, iBOT on block-masked patches of the global crops, KoLeo or KDE,
+    Sinkhorn–Knopp or mean centring; the heads' last layers frozen for the first steps."""
+
+    def __init__(self, engine: EngineConfig, task: TaskSpec) -> None:
+        import numpy as np
+
+        from pathray.models.dino import DinoHead, make_teacher
+        from pathray.models.dinov2_model import DinoV2Model, DinoV2Objective
+        from pathray.models.engines import build_engine
+
+        backbone = build_engine(engine)
+        c = self.config = task.config  # type: ignore[assignment]
+        self.task = task
+        width = int(getattr(getattr(backbone, "backbone", None), "num_features", backbone.embed_dim))
+        head = DinoHead(width, c.out_dim, c.head_hidden, c.head_bottleneck)
+        ibot = (
+            DinoHead(width, c.ibot_out_dim, c.head_hidden, c.head_bottleneck)
+            if c.ibot_separate_head
+            else None
+        )
+        self.model = DinoV2Model(backbone, head, ibot)
+        self.teacher = make_teacher(self.model)
+        self.trainable = self.model
+        self.objective = DinoV2Objective(c)
+        self.rng = np.random.default_rng(torch.initial_seed())  # block masks: seeded as the weights are
+        self.last_layers = [m.last_layer for m in (head, ibot) if m is not None]
+
+    def loss(self, batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, Any]:
+        from pathray.models.dino import teacher_temperature, views_from_batch
+        from pathray.models.dinov2_model import step_masks
+
+        engine = unwrap(self.trainable).engine
+        global_views, local_views = views_from_batch(batch, engine.normalize)
+        glob = torch.cat(global_views)
+        local = torch.cat(local_views) if local_views else None
+        patch = engine.patch_size
+        grid = (glob.shape[-2] // patch[0], glob.shape[-1] // patch[1])
+        masks = step_masks(len(glob), grid, self.config, self.rng, glob.device)
+        with torch.no_grad():
+            target = self.teacher(glob, None, masks["masks"], apply_masks=False)
+        student = self.trainable(glob, local, masks["masks"])
+        temp = teacher_temperature(progress, self.config)
+        losses = self.objective(student, target, masks, temp, len(global_views), len(local_views))
+        first = target["cls"][: len(global_views[0])]
+        outputs = {"embedding": first, "losses": {k: v.detach() for k, v in losses.items() if k != "loss"}}
+        return losses["loss"], outputs
+
+    def before_step(self, step: int) -> None:
+        """The heads' last layers get no update while ``freeze_last_layer_steps`` lasts."""
+        if step < self.config.freeze_last_layer_steps:
+            for layer in self.last_layers:
+                for p in layer.parameters():
+                    p.grad = None
+
+    def task_state(self) -> dict[str, Any]:
+        return {k: v.detach().cpu().clone() for k, v in self.objective.state_dict().items()}
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state)

@@ -44,22 +44,48 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, job: WorkerJob) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the engine's layer-decayed groups and the head at full lr; warmup + cosine schedule."""
+def base_lr(job: WorkerJob, workers: int = 1) -> float:
+    """``optim.lr``, times ``sqrt(global batch / 1024)`` with ``optim.lr_batch_scaling: sqrt``."""
     o = job.optim
-    groups = model.engine.param_groups(o.lr, o.weight_decay, o.layer_decay)
+    if o.lr_batch_scaling == "sqrt":
+        from pathray.models.dinov2 import scaled_lr
+
+        return scaled_lr(o.lr, job.train.batch_size * o.grad_accum * workers)
+    return o.lr
+
+
+def build_optimizer(model: nn.Module, job: WorkerJob, workers: int = 1) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the engine's layer-decayed groups and the rest (heads, a mask token) at full lr;
+    warmup + cosine schedule."""
+    o = job.optim
+    lr = base_lr(job, workers)
+    groups = model.engine.param_groups(lr, o.weight_decay, o.layer_decay, o.patch_embed_lr_mult)
     seen = {id(p) for g in groups for p in g["params"]}
-    head = [p for p in model.head.parameters() if id(p) not in seen and p.requires_grad]
-    if head:
-        groups.append({"params": head, "lr": o.lr, "weight_decay": o.weight_decay})
+    rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": o.weight_decay})
     for g in groups:
         g.setdefault("initial_lr", g["lr"])
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        g.setdefault("initial_weight_decay", g["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
     steps = job.train.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, steps, o.min_lr_ratio)
     )
     return optimizer, scheduler
+
+
+def schedule_weight_decay(optimizer: Any, job: WorkerJob, progress: float) -> None:
+    """``optim.weight_decay`` -> ``optim.weight_decay_end`` on a cosine (each group keeps its own
+    share: groups without decay stay at 0); nothing when no end is set."""
+    o = job.optim
+    if o.weight_decay_end is None or o.weight_decay <= 0:
+        return
+    from pathray.models.dinov2 import weight_decay_schedule
+
+    factor = weight_decay_schedule(progress, o.weight_decay, o.weight_decay_end) / o.weight_decay
+    for group in optimizer.param_groups:
+        group["weight_decay"] = group["initial_weight_decay"] * factor
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -102,7 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     learner = build_learner(job)  # engine.finetune applied: only what trains needs gradients
     learner.prepare(job.scale.strategy)
     device = ray.train.torch.get_device()
-    optimizer, scheduler = build_optimizer(unwrap(learner.trainable), job)
+    workers = ray.train.get_context().get_world_size()
+    optimizer, scheduler = build_optimizer(unwrap(learner.trainable), job, workers)
     state = {"step": 0, "epoch": 0}
     history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
@@ -116,6 +143,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history = list(saved["history"])
     if val is not None:
         val.restore(history)
+        # an SSL run's baseline: its initial weights (not when sharded: FSDP's first forward must
+        # go through the root module, which a training step does)
+        if not history and not learner.selects_checkpoint and not is_sharded(learner.trainable):
+            history.append({"step": 0, **val.score(learner, job, rank)})
     bf16 = device.type == "cuda" and job.scale.precision == "bf16"
     steps, accum = job.train.steps, job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
@@ -146,11 +177,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window.update(detach(outputs), batch)
             micro += 1
             if micro % accum == 0:
+                learner.before_step(state["step"])
                 if job.optim.clip_grad:
                     nn.utils.clip_grad_norm_(learner.trainable.parameters(), job.optim.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                schedule_weight_decay(optimizer, job, (state["step"] + 1) / max(1, steps))
                 learner.after_step(progress)
                 state["step"] += 1
                 state["epoch"] = int(batch["epoch"].max()) if "epoch" in batch else state["epoch"]
@@ -193,7 +226,8 @@ def _after_optimizer_step(
     if job.train.fail_at_step is not None and step == job.train.fail_at_step:
         _fail_once(job, rank)
     checkpointing = step % job.run.checkpoint_every == 0 or step >= job.train.steps
-    if not checkpointing and step % job.run.log_every != 0:
+    every = [job.run.log_every, job.train.eval_every or job.run.log_every]
+    if not checkpointing and all(step % n != 0 for n in every):
         return False
     busy = timing["data"] + timing["step"]
     steps_per_s = timing.get("steps", step) / max(1e-9, busy)
@@ -208,11 +242,13 @@ def _after_optimizer_step(
         "tiles_per_s": steps_per_s * job.train.batch_size * job.optim.grad_accum * workers,
         "eta_s": (job.train.steps - step) / max(1e-9, steps_per_s),
         "params_local_share": local_share(learner.trainable),
-        **{f"train/{k}": float(v) for k, v in window.compute().items()},
+        # the training window's metrics; loss parts ("loss/dino", "loss/ibot", ...) under their own names
+        **{(k if k.startswith("loss/") else f"train/{k}"): float(v) for k, v in window.compute().items()},
     }
-    if checkpointing and val is not None:
+    evaluating = checkpointing or (job.train.eval_every is not None and step % job.train.eval_every == 0)
+    if evaluating and val is not None:
         metrics.update(val.score(learner, job, rank))
-        if val.stale >= (job.train.early_stop_patience or math.inf):
+        if learner.selects_checkpoint and val.stale >= (job.train.early_stop_patience or math.inf):
             state["stopped"] = True
             metrics["stopped_early"] = 1.0
     history.append(metrics)
@@ -232,21 +268,27 @@ class Validation:
     """The val tiles (fixed, unaugmented batches the driver drew once) and the best score so far.
 
     Every rank keeps the same record: rank 0 scores (all ranks, when the model is sharded, since
-    its forward is a collective) and the score is broadcast.
+    its forward is a collective) and the score is broadcast. An SSL run's scores (RankMe, ODCorr,
+    probes) choose no checkpoint; they watch for collapse: RankMe below ``collapse_fraction`` of
+    its peak is warned of and recorded as ``ssl/collapse_warning``.
     """
 
     KEY = "val/score"
+    RANKME = "ssl/rankme"
 
     def __init__(self, batches: list[dict[str, Any]]) -> None:
         self.batches = batches
         self.best = -math.inf
         self.stale = 0  # scores since the best one
+        self.peak_rankme = -math.inf
 
     def restore(self, history: list[dict[str, Any]]) -> None:
-        """Best score and staleness of a restored run, from its history."""
+        """Best score, staleness and peak RankMe of a restored run, from its history."""
         for row in history:
             if self.KEY in row:
                 self._record(float(row[self.KEY]))
+            if self.RANKME in row and not math.isnan(float(row[self.RANKME])):
+                self.peak_rankme = max(self.peak_rankme, float(row[self.RANKME]))
 
     def _record(self, score: float) -> None:
         if score > self.best:
@@ -263,10 +305,30 @@ class Validation:
         scores: dict[str, float] = {}
         if rank == 0 or is_sharded(learner.trainable):
             scores = learner.validate(self.batches, device)
+        if not learner.selects_checkpoint:
+            return self.watch({f"{learner.val_prefix}{k}": v for k, v in scores.items()}, job)
         value = scores.get(job.task.score, math.nan)
         value = _broadcast(-1.0 if math.isnan(value) else value, device)
         self._record(value)
         return {**{f"val/{k}": v for k, v in scores.items()}, self.KEY: value}
+
+    def watch(self, scores: dict[str, float], job: WorkerJob) -> dict[str, float]:
+        """SSL scores, with a collapse warning when RankMe has fallen below its share of the peak."""
+        rankme = scores.get(self.RANKME, math.nan)
+        if math.isnan(rankme):
+            return scores
+        self.peak_rankme = max(self.peak_rankme, rankme)
+        fraction = float(getattr(job.task.config, "collapse_fraction", 0.0))
+        collapsing = rankme < fraction * self.peak_rankme
+        if collapsing:
+            log.warning(
+                "collapse warning: RankMe %.1f is below %.0f %% of its peak %.1f (teacher temperature, "
+                "momentum, lr or the regulariser need a look)",
+                rankme,
+                100 * fraction,
+                self.peak_rankme,
+            )
+        return {**scores, "ssl/collapse_warning": float(collapsing)}
 
 
 def _broadcast(value: float, device: Any) -> float:

@@ -18,7 +18,17 @@ from pathray.training.outputs import HISTORY_FILE
 
 def progress_line(row: dict[str, Any], steps: int) -> str:
     """One line for people: step, loss, learning rate, tiles/s, data wait and ETA; at checkpoints
-    the val score too (and that the run stopped early)."""
+    the val score too (and that the run stopped early); an SSL run's watched scores and a collapse
+    warning where they were measured (step 0: the initial weights)."""
+    ssl = "".join(
+        f"  {name} {float(row[f'ssl/{name}']):.3f}"
+        for name in ("rankme", "odcorr", "knn_acc", "linear_acc")
+        if f"ssl/{name}" in row
+    )
+    if row.get("ssl/collapse_warning"):
+        ssl += "  COLLAPSE WARNING: RankMe fell below its share of the peak"
+    if "loss" not in row:
+        return f"step {int(row['step'])}/{steps}  initial weights:{ssl}"
     eta = float(row.get("eta_s", 0.0))
     minutes, seconds = divmod(int(round(eta)), 60)
     line = (
@@ -30,7 +40,7 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
         line += f"  val {float(row['val/score']):.3f}"
     if row.get("stopped_early"):
         line += "  (stopped early: no better val score)"
-    return line
+    return line + ssl
 
 
 class HistoryWatcher:
@@ -57,7 +67,7 @@ class HistoryWatcher:
             return
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         for row in rows[self.seen :]:
-            if "loss" in row:
+            if "loss" in row or "ssl/rankme" in row:
                 self.show(row)
         self.seen = max(self.seen, len(rows))
 

@@ -130,12 +130,12 @@ def run_training(
 
     job = WorkerJob.from_project(cfg)
     learner = LEARNERS.get(task.learner)
-    val_batches = val_tiles(cfg, manifest, task) if learner.validates else None
-    scored = val_batches is not None
+    val_batches = val_tiles(cfg, manifest, *learner.val_tiles(task)) if learner.validates else None
+    scored = val_batches is not None and learner.selects_checkpoint
     resources = {"CPU": cfg.scale.cpus_per_worker, **(cfg.scale.resources_per_worker or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "val": ray.put(val_batches) if scored else None},
+        train_loop_config={"job": job, "val": ray.put(val_batches) if val_batches is not None else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.workers,
             use_gpu=cfg.scale.use_gpu,
@@ -191,22 +191,32 @@ def run_training(
                 metrics.update(evaluation)
                 history.append({"step": kept, **{f"eval/{k}": v for k, v in evaluation.items()}})
             if learner.exports_package:
-                paths["model"] = export_model(cfg, task, Path(d), join_uri(run_dir, "model"), metrics)
+                exported = learner.packaged(cfg.engine, task, Path(d))
+                paths["model"] = export_model(cfg, exported, Path(d), join_uri(run_dir, "model"), metrics)
     paths.update(write_run_outputs(run_dir, cfg, history, metrics))
     paths.update(track_run(cfg, history, metrics, paths))
     saved = checkpoint_uri(checkpoint, storage_path) if checkpoint is not None else None
     return TrainResult(run_dir, saved, metrics, paths)
 
 
-def val_tiles(cfg: ProjectConfig, manifest: Any, task: Any) -> list[dict[str, Any]] | None:
-    """The val split's fixed, unaugmented tile batches a run scores at every checkpoint; None when
-    there is nothing to score (no ``train.val_split``, no such annotated slides, or a run that trains
-    on every split)."""
+def val_tiles(
+    cfg: ProjectConfig, manifest: Any, task: Any, sampler: str = "random_tissue"
+) -> list[dict[str, Any]] | None:
+    """The val split's fixed, unaugmented tile batches (``task``'s targets, drawn by ``sampler``) a
+    run scores at every checkpoint; None when there is nothing to score (no ``train.val_split``, no
+    such annotated slides, or a run that trains on every split).
+
+    A self-supervised run (whose val targets are labels for its probes) is watched on the val
+    split's annotated slides where there are some, else on every annotated slide: its held-out
+    tiles are then fixed coordinates no training epoch draws."""
     from pathray.training.evaluate import EvalTiles
 
     split = cfg.train.val_split
-    if split is None or cfg.data.split is None or split == cfg.data.split:
+    ssl = sampler == "class_balanced"
+    if not ssl and (split is None or cfg.data.split is None or split == cfg.data.split):
         return None
+    if ssl and (split is None or not (manifest["split"] == split).any()):
+        split = None
     tiles = EvalTiles(
         manifest,
         cfg.data.stream,
@@ -219,7 +229,7 @@ def val_tiles(cfg: ProjectConfig, manifest: Any, task: Any) -> list[dict[str, An
     )
     if not tiles.slides():
         return None
-    return list(tiles.batches(task, "random_tissue")) or None
+    return list(tiles.batches(task, sampler)) or None
 
 
 def best_checkpoint(result: Any) -> Any:
@@ -242,18 +252,20 @@ def _score_at(history: list[dict[str, Any]], step: int) -> float:
 
 
 def export_model(
-    cfg: ProjectConfig, task: Any, checkpoint_dir: Path, uri: str, metrics: dict[str, Any]
+    cfg: ProjectConfig, exported: tuple[Any, Any], checkpoint_dir: Path, uri: str, metrics: dict[str, Any]
 ) -> str:
     """Write the final weights as a model package (``pathray.models.package``) a server can load.
 
-    The model is rebuilt and loaded strictly first, so a package always holds weights that fit.
+    ``exported`` is the learner's ``packaged``: the model rebuilt and loaded strictly, so a package
+    always holds weights that fit, and the package's task config.
     """
     from pathray.models.package import package_model, save_model_package
-    from pathray.training.evaluate import load_trained
 
-    model, _ = load_trained(cfg.engine, task, checkpoint_dir)
+    model, task = exported
     step = json.loads((checkpoint_dir / "state.json").read_text())["step"]
     sampler = cfg.data.stream.sampler
     meta = {"run": cfg.run.name, "step": step, "metrics": metrics}
-    package = package_model(model, cfg.engine, cfg.task, sampler.size, sampler.mpps[0], meta)
+    # multi-crop views: the model learned from global crops, at that size
+    size = cfg.data.stream.augment.global_size if cfg.task_spec().views else sampler.size
+    package = package_model(model, cfg.engine, task, size, sampler.mpps[0], meta)
     return save_model_package(uri, package, cfg.storage)

@@ -9,6 +9,7 @@ from typing import Any
 from pathray.models.tasks.base import Output, Spatial, TaskConfigBase, TaskSpec
 from pathray.models.tasks.classification import ClassificationConfig, ClassificationTask
 from pathray.models.tasks.detection import DetectionConfig, DetectionTask
+from pathray.models.tasks.embedding import EmbeddingConfig, EmbeddingTask
 from pathray.models.tasks.instance import InstanceConfig, InstanceTask
 from pathray.models.tasks.segmentation import SegmentationConfig, SegmentationTask
 from pathray.models.tasks.ssl import SslConfig, SslTask
@@ -19,6 +20,8 @@ __all__ = [
     "ClassificationTask",
     "DetectionConfig",
     "DetectionTask",
+    "EmbeddingConfig",
+    "EmbeddingTask",
     "InstanceConfig",
     "InstanceTask",
     "Output",
