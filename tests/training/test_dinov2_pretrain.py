@@ -16,6 +16,9 @@ SMALL = [
     "engine.name=debug_vit",
     "engine.model=null",
     "engine.img_size=64",
+    # no registers, no LayerScale: LayerScale's 1e-5 start makes a random ViT's class token the
+    # same for every tile, so the random-init baseline of the kNN probe would be chance by design
+    "engine.model_kwargs={}",
     "data.stream.sampler.size=64",
     "data.stream.sampler.mpps=[1.0]",
     "data.stream.augment.global_size=64",
@@ -25,20 +28,19 @@ SMALL = [
     "task.head_hidden=128",
     "task.head_bottleneck=64",
     "task.freeze_last_layer_steps=2",
-    "task.ema_momentum=0.9",  # a teacher that follows the student within a few steps
-    "optim.lr=2.0e-2",
+    "task.ema_momentum=0.99",
+    "optim.lr=5.0e-3",
+    "optim.lr_batch_scaling=none",
     "optim.warmup_steps=3",
-    "train.batch_size=16",
-    "train.val_tiles_per_slide=24",
-    "train.eval_every=4",
-    "run.checkpoint_every=8",
-    "run.log_every=4",
+    "train.batch_size=32",
+    "train.val_tiles_per_slide=48",
+    "run.log_every=10",
 ]
 
 
 @pytest.fixture(scope="module")
 def dinov2_run(ray_local, manifest_path, tmp_path_factory):
-    """One short DINOv2 run (2 DDP workers) of configs/dinov2-pretrain.yaml, made small."""
+    """One short DINOv2 run (80 steps of 32 tiles) of configs/dinov2-pretrain.yaml, made small."""
     from pathray.config import load_config
     from pathray.training.trainer import run_training
 
@@ -47,13 +49,15 @@ def dinov2_run(ray_local, manifest_path, tmp_path_factory):
         Path(__file__).resolve().parents[2] / "configs" / "dinov2-pretrain.yaml",
         [
             f"data.manifest={manifest_path}",
-            "scale.workers=2",
-            "scale.cpus_per_worker=0.5",
+            "scale.workers=1",
+            "scale.cpus_per_worker=1",
             "data.stream.readers=1",
             f"run.storage_path={runs}",
             "run.name=dinov2",
-            "train.steps=16",
             *SMALL,
+            "train.steps=80",
+            "train.eval_every=40",
+            "run.checkpoint_every=40",
         ],
     )
     return cfg, run_training(cfg)
@@ -68,14 +72,11 @@ def test_live_ssl_metrics_and_losses_land_in_the_history(dinov2_run):
     rows = history(result)
     watched = [r for r in rows if "ssl/rankme" in r]
     # the initial weights (the random-init baseline), then every eval_every steps, checkpoints included
-    assert [r["step"] for r in watched] == [0, 4, 8, 12, 16]
-    # the teacher's embeddings spread out as it learns: a random ViT's are nearly rank one (RankMe
-    # 1.00 at step 0 and 2.57 at step 16 in the run we saw); we require 1.8 times the start
-    assert watched[-1]["ssl/rankme"] > 1.8 * watched[0]["ssl/rankme"], watched
+    assert [r["step"] for r in watched] == [0, 40, 80]
     for row in watched:
         assert row["ssl/rankme"] >= 1.0 and 0.0 <= row["ssl/odcorr"] <= 1.0
         assert 0.0 <= row["ssl/knn_acc"] <= 1.0 and 0.0 <= row["ssl/linear_acc"] <= 1.0
-        assert row["ssl/collapse_warning"] in (0.0, 1.0)
+    assert "ssl/collapse_warning" not in watched[0] and all("ssl/collapse_warning" in r for r in watched[1:])
     logged = [r for r in rows if "loss/dino" in r]
     assert logged and all({"loss/ibot", "loss/koleo"} <= set(r) for r in logged)
     assert all(r["loss/dino"] > 0 and r["loss/ibot"] > 0 for r in logged)
@@ -120,10 +121,12 @@ def test_the_midnight_config_trains_a_few_steps_with_kde_hed_and_the_hsv_filter(
     cfg = project(
         "midnight",
         *SMALL,
-        "engine.model_kwargs={}",
         "data.stream.sampler.mpps=[0.5,1.0,2.0]",
         "scale.workers=1",
         "train.steps=4",
+        "train.batch_size=8",
+        "train.val_tiles_per_slide=8",
+        "train.eval_every=4",
         config="midnight-pretrain.yaml",
     )
     assert cfg.task.regulariser == "kde" and cfg.data.stream.augment.hsv_filter
@@ -132,3 +135,30 @@ def test_the_midnight_config_trains_a_few_steps_with_kde_hed_and_the_hsv_filter(
     assert any("loss/kde" in r and math.isfinite(r["loss/kde"]) for r in rows)
     assert not any("loss/koleo" in r for r in rows)
     assert [r["step"] for r in rows if "ssl/rankme" in r] == [0, 4]
+
+
+def test_a_short_run_beats_the_same_backbone_at_random_init_on_the_knn_probe(dinov2_run):
+    """The kNN probe on the fixed held-out tiles, at step 0 (random init, the same weights the run
+    starts from) and after 80 steps. We saw 0.38 -> 0.51 (linear probe 0.35 -> 0.51) in process;
+    we require 0.05 more."""
+    cfg, result = dinov2_run
+    watched = [r for r in history(result) if "ssl/knn_acc" in r]
+    start, end = watched[0], watched[-1]
+    assert start["step"] == 0 and end["step"] == 80
+    assert end["ssl/knn_acc"] >= start["ssl/knn_acc"] + 0.05, watched
+
+
+def test_the_collapse_warning_fires_below_its_share_of_the_trained_peak():
+    from types import SimpleNamespace
+
+    from pathray.models.tasks import SslConfig
+    from pathray.training.loop import Validation
+
+    job = SimpleNamespace(task=SimpleNamespace(config=SslConfig(collapse_fraction=0.5)))
+    val = Validation([])
+    seen = [val.watch({"ssl/rankme": r}, job)["ssl/collapse_warning"] for r in (10.0, 30.0, 16.0, 14.0, 40.0)]
+    assert seen == [0.0, 0.0, 0.0, 1.0, 0.0]  # 14 < 0.5 x 30; a new peak clears it
+    restored = Validation([])  # a restarted run remembers the peak, but not the initial weights'
+    restored.restore([{"step": 0, "ssl/rankme": 99.0}, {"step": 10, "ssl/rankme": 30.0}])
+    assert restored.peak_rankme == 30.0
+    assert restored.watch({"ssl/rankme": 14.0}, job)["ssl/collapse_warning"] == 1.0

@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # an SSL run's baseline: its initial weights (not when sharded: FSDP's first forward must
         # go through the root module, which a training step does)
         if not history and not learner.selects_checkpoint and not is_sharded(learner.trainable):
-            history.append({"step": 0, **val.score(learner, job, rank)})
+            history.append({"step": 0, **val.score(learner, job, rank, baseline=True)})
     bf16 = device.type == "cuda" and job.scale.precision == "bf16"
     steps, accum = job.train.steps, job.optim.grad_accum
     shard = ray.train.get_dataset_shard("train")
@@ -287,7 +287,7 @@ class Validation:
         for row in history:
             if self.KEY in row:
                 self._record(float(row[self.KEY]))
-            if self.RANKME in row and not math.isnan(float(row[self.RANKME])):
+            if self.RANKME in row and row.get("step") and not math.isnan(float(row[self.RANKME])):
                 self.peak_rankme = max(self.peak_rankme, float(row[self.RANKME]))
 
     def _record(self, score: float) -> None:
@@ -296,7 +296,7 @@ class Validation:
         else:
             self.stale += 1
 
-    def score(self, learner: Learner, job: WorkerJob, rank: int) -> dict[str, float]:
+    def score(self, learner: Learner, job: WorkerJob, rank: int, baseline: bool = False) -> dict[str, float]:
         """``val/<metric>`` of every task metric, and ``val/score``: the task's score (-1 when it is
         NaN, so a checkpoint that scored nothing ranks last)."""
         import ray.train.torch
@@ -306,14 +306,16 @@ class Validation:
         if rank == 0 or is_sharded(learner.trainable):
             scores = learner.validate(self.batches, device)
         if not learner.selects_checkpoint:
-            return self.watch({f"{learner.val_prefix}{k}": v for k, v in scores.items()}, job)
+            scores = {f"{learner.val_prefix}{k}": v for k, v in scores.items()}
+            return scores if baseline else self.watch(scores, job)
         value = scores.get(job.task.score, math.nan)
         value = _broadcast(-1.0 if math.isnan(value) else value, device)
         self._record(value)
         return {**{f"val/{k}": v for k, v in scores.items()}, self.KEY: value}
 
     def watch(self, scores: dict[str, float], job: WorkerJob) -> dict[str, float]:
-        """SSL scores, with a collapse warning when RankMe has fallen below its share of the peak."""
+        """SSL scores, with a collapse warning when RankMe has fallen below its share of the peak
+        since training began (the initial weights' RankMe, often high by chance, is no peak)."""
         rankme = scores.get(self.RANKME, math.nan)
         if math.isnan(rankme):
             return scores
