@@ -97,6 +97,8 @@ def service(ray_local, object_store, s3_storage, tmp_path_factory, save_package)
     save_package(
         root / "models" / "kaiko", "engine.name=foundation", "engine.model=null", "engine.preset=kaiko_vits16"
     )
+    # an SSL run's export: a backbone whose output is its embedding
+    save_package(root / "models" / "embed", "engine.name=debug_vit", "task.name=embedding")
     (root / "models" / "seg-vit" / "checkpoints").mkdir()
     (root / "models" / "seg-vit" / "checkpoints" / "step-1.pt").write_bytes(b"x")
     object_store.upload_dir(root / "models", models)
@@ -164,7 +166,7 @@ def test_health_and_docs_are_open_but_v1_needs_the_token(service):
 
 def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
     listed = service.client.get("/v1/models").json()["models"]
-    assert [m["id"] for m in listed] == ["kaiko", "seg", "seg-fine", "seg-vit"]
+    assert [m["id"] for m in listed] == ["embed", "kaiko", "seg", "seg-fine", "seg-vit"]
     models = {m["id"]: m for m in listed}
     assert models["seg"]["task"] == "segmentation" and models["seg"]["engine"] == "debug_cnn"
     assert models["seg-vit"]["engine"] == "debug_vit"  # served from a run folder's model/ package
@@ -172,7 +174,14 @@ def test_models_are_listed_and_unknown_ones_get_404_with_the_known_ids(service):
     for model in ("nope", "../seg", "not-a-model"):
         r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": model})
         assert r.status_code == 404
-        assert r.json()["detail"]["known"] == ["kaiko", "seg", "seg-fine", "seg-vit"]
+        assert r.json()["detail"]["known"] == ["embed", "kaiko", "seg", "seg-fine", "seg-vit"]
+
+
+def test_an_embedding_package_is_listed_and_analyses_with_it_get_422(service):
+    models = {m["id"]: m for m in service.client.get("/v1/models").json()["models"]}
+    assert models["embed"]["task"] == "embedding" and models["embed"]["engine"] == "debug_vit"
+    r = service.post({"slide": str(service.slides / "slide_000.svs"), "model": "embed"})
+    assert r.status_code == 422 and "is an embedding model" in r.json()["detail"], r.text
 
 
 def _fifo(path: Path) -> Path:

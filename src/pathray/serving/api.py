@@ -133,6 +133,12 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
         known = await asyncio.to_thread(models.ids)
         if body.model not in known:
             raise HTTPException(404, {"message": f"unknown model {body.model!r}", "known": known})
+        spec = await asyncio.to_thread(models.spec, body.model)
+        if not (spec.has_map or spec.has_points):  # an embedding package (an SSL run's teacher)
+            raise HTTPException(
+                422,
+                f"model {body.model!r} is an {spec.task_name} model: no class map or points to analyse",
+            )
         if service.pending >= config.serve.ingress.max_pending_analyses:
             raise HTTPException(
                 429, "too many analyses queued; try again later", headers={"Retry-After": "30"}
