@@ -3,7 +3,8 @@
     python benchmarks/wsi_inference.py                  # CPU: 32768 px slide, debug_cnn, 128 px @ 1 µm/px
     python benchmarks/wsi_inference.py --tile engine --store s3   # 64 px @ 2 µm/px, slide on SeaweedFS
     python benchmarks/wsi_inference.py --gpu            # CUDA: ViT-S/16 (random init, bf16), 16384 px slide
-    python benchmarks/wsi_inference.py --gpu --device cpu --size 1024 --model vit_tiny_patch16_224  # dry run
+    python benchmarks/wsi_inference.py --gpu --model vit_large_patch16_224 --repeat 3   # ViT-L/16
+    python benchmarks/wsi_inference.py --gpu --device cpu --size 1024 --depth 1 --tile 64@0.5  # dry run
 
 CPU: the pipeline is ``analyze_slide`` (plan the tissue grid, read tiles on reader threads, batch,
 model, reduce and stitch the class map). The model alone is the same model object on the same
@@ -19,9 +20,10 @@ compressed tiles fetched by range and decoded by ``tiledecode`` where the model 
 
     analysis_vs_model=X tiles_per_s=Y model_tiles_per_s=Z decode_device_vs_model=W
 
-GPU (``--gpu``): ``analyze_slide`` with ViT-S/16 at 224 px, 0.5 µm/px, bf16 autocast (default
-``decode: auto``, which is nvJPEG for JPEG tiles on CUDA), against the same model alone on the
-same tiles already on the GPU; a row per ``--decode`` mode (default ``cpu``: today's path, tiles
+GPU (``--gpu``): ``analyze_slide`` with ViT-S/16 (``--model``: any timm ViT, e.g. ViT-L/16) at the
+foundation engine's 224 px, 0.5 µm/px (``--tile`` and ``--depth`` shrink it for a dry run), bf16
+autocast (default ``decode: auto``, which is nvJPEG for JPEG tiles on CUDA), against the same model
+alone on the same tiles already on the GPU; a row per ``--decode`` mode (default ``cpu``: today's path, tiles
 decoded on CPU threads into pinned batches). Ray-free and needs neither tiffslide, zarr nor
 imagecodecs: the slide is written with PIL-encoded JPEG tiles and opened with
 ``backend="tifffile"``. Needs torch, torchvision, timm, tifffile, PIL, PyYAML, safetensors and
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
 try:
     import pathray  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: use its src/
@@ -305,7 +308,15 @@ def bench_gpu(args: argparse.Namespace) -> None:
         (cache / "gpu.tmp.tiff").rename(path)
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     overrides = ["engine.name=foundation", f"engine.model={args.model}", "task.name=segmentation"]
-    package = model_package(cache, overrides, args.model)
+    label = args.model
+    if args.depth:
+        overrides.append(f"engine.model_kwargs.depth={args.depth}")
+        label += f"_depth{args.depth}"
+    if args.tile != "engine":  # the engine's own: 224 px at 0.5 µm/px
+        size, mpp = args.tile.split("@")
+        overrides += [f"data.stream.sampler.size={size}", f"data.stream.sampler.mpps=[{mpp}]"]
+        label += f"_{size}_{mpp}"
+    package = model_package(cache, overrides, label)
     base: dict[str, Any] = {
         "batch_size": args.batch_size,
         "device": args.device,
@@ -338,7 +349,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     on_device = {k: p.decodes_on_device(slide, plan) for k, p in pipelines.items()}
     print(
-        f"{name}: {plan.n_tiles} tiles of {plan.tile_size} px at {plan.tile_mpp} µm/px, {args.model}, "
+        f"{name}: {plan.n_tiles} tiles of {plan.tile_size} px at {plan.tile_mpp} µm/px, {label}, "
         f"batch {args.batch_size}, {base['read_threads']} reader threads, {args.compute_threads} model "
         f"threads; decoded on the device: {on_device}",
         flush=True,
@@ -385,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=".bench/wsi_inference", help="where the slide and model are kept")
     parser.add_argument("--engine", default="debug_cnn", help="CPU: engine of the random-weight package")
     parser.add_argument("--model", default="vit_small_patch16_224", help="--gpu: the timm ViT (random init)")
+    parser.add_argument("--depth", type=int, default=0, help="--gpu: ViT blocks (0: the model's; 1: dry run)")
     parser.add_argument("--batch-size", type=int, default=None, help="CPU 32, --gpu 256")
     parser.add_argument("--compute-threads", type=int, default=2, help="model threads of the pipeline")
     parser.add_argument("--torch-threads", type=int, default=1, help="CPU: torch threads of the pipeline")
@@ -392,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         "--read-threads", type=int, default=None, help="CPU: the config's; --gpu: one per CPU"
     )
     parser.add_argument(
-        "--tile", default="128@1.0", help="CPU: tile SIZE@MPP; 'engine': the engine's own (64@2.0 for debug)"
+        "--tile",
+        default=None,
+        help="tile SIZE@MPP; 'engine': the engine's own (64@2.0 for debug, 224@0.5 for --gpu's ViTs); "
+        "default: 128@1.0 on CPU, the engine's with --gpu (whose slide is at 0.5 µm/px)",
     )
     parser.add_argument("--store", default="local", choices=["local", "s3"], help="CPU: where the slide is")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of both sides")
@@ -417,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.size = args.size or (16384 if args.gpu else 32768)
     args.batch_size = args.batch_size or (256 if args.gpu else 32)
+    args.tile = args.tile or ("engine" if args.gpu else "128@1.0")
     if args.decode is None:
         args.decode = ["cpu"] if args.gpu else ["device"]
     bench_gpu(args) if args.gpu else bench_cpu(args)

@@ -1,5 +1,6 @@
-"""benchmarks/ssl.py runs as the GPU suite runs it (``python benchmarks/ssl.py``, PYTHONPATH=src,
-no Ray importable), here as a tiny dry run on the CPU; its --gpu line carries DINOv2's reference."""
+"""benchmarks/ssl_pretrain.py runs as the GPU suite runs it (``python benchmarks/ssl_pretrain.py``,
+PYTHONPATH=src, no Ray importable), here as a tiny dry run on the CPU; its --gpu line carries
+DINOv2's reference."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK = ROOT / "benchmarks" / "ssl.py"
+BENCHMARK = ROOT / "benchmarks" / "ssl_pretrain.py"
 TINY = ["--depth", "1", "--size", "32", "--local-size", "16", "--batch", "2", "--steps", "2"]
 TINY += ["--warmup", "0", "--out-dim", "64", "--threads", "1"]
 
@@ -33,7 +34,7 @@ def test_dry_run_prints_images_per_s_without_ray(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=ROOT,  # as gpu.sh runs it: the script's folder is sys.path[0], and its name is "ssl"
+        cwd=ROOT,  # as gpu.sh runs it: the script's folder is sys.path[0]
         env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,22 @@ def sniff(location: Location, storage: StorageConfig | None) -> str:
     with open_file(location, storage, ByteCounter()) as fh:
         head = fh.read(132)
     if head[:4] in TIFF_MAGICS:
-        return "tiffslide"
+        return tiff_backend()
     if head[128:132] == b"DICM":
         return "openslide"
     if not head:
         raise SlideFormatError(location.uri, "the file is empty")
     raise SlideFormatError(location.uri, f"not a TIFF or DICOM file (first bytes 0x{head[:4].hex()})")
+
+
+@functools.cache
+def tiff_backend() -> str:
+    """``tiffslide`` where it imports, else the ``tifffile`` backend (a slim image: the GPU suite's)."""
+    try:
+        import tiffslide  # noqa: F401
+    except ImportError:
+        return "tifffile"
+    return "tiffslide"
 
 
 SLIDE_CACHE: LruCache[tuple[Any, ...], Slide] = LruCache(32)

@@ -1,8 +1,8 @@
 """DINOv2 pretraining steps of a ViT-S/16 on 2 global + 8 local crops, Ray-free: images/s per worker.
 
-    python benchmarks/ssl.py                   # CPU, fp32: batch 4, 4096 prototypes
-    python benchmarks/ssl.py --gpu             # CUDA, bf16 autocast: batch 32, 65536 prototypes
-    python benchmarks/ssl.py --depth 1 --size 64 --local-size 32 --batch 2 --steps 1 --out-dim 64
+    python benchmarks/ssl_pretrain.py                   # CPU, fp32: batch 4, 4096 prototypes
+    python benchmarks/ssl_pretrain.py --gpu             # CUDA, bf16 autocast: batch 32, 65536 prototypes
+    python benchmarks/ssl_pretrain.py --depth 1 --size 64 --local-size 32 --batch 2 --steps 1 --out-dim 64
 
 The project is ``configs/dinov2-pretrain.yaml`` (ViT-S/16 with 4 registers and LayerScale, drop path
 0.1; DINO + iBOT + KoLeo, Sinkhorn-Knopp centring, one 3-layer head shared by DINO and iBOT), loaded
@@ -32,11 +32,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if __name__ == "__main__":  # this file's name shadows the standard library's ssl, which torch imports
-    # (via asyncio): run as a script, its folder leaves sys.path before anything imports ssl
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dinov2-pretrain.yaml"
 
