@@ -111,3 +111,17 @@ def test_one_loader_for_project_and_serve_configs(tmp_path):
     path.write_text("serv:\n  models: /m\n")
     with pytest.raises(ConfigError, match="serv: Extra inputs are not permitted"):
         load_config(path, model=ServeAppConfig)
+
+
+def test_local_engine_weights_are_made_absolute_and_missing_ones_named(tmp_path, monkeypatch):
+    """A relative engine.weights works from a Ray worker's folder too; a missing one fails up front."""
+    from pathray.models.config import EngineConfig
+
+    (tmp_path / "runs" / "ssl" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    engine = EngineConfig(weights="runs/ssl/model").with_local_weights()
+    assert engine.weights == str(tmp_path / "runs" / "ssl" / "model")
+    for kept in ("hf-cache:MahmoodLab/UNI", "s3://bucket/w.safetensors", None):
+        assert EngineConfig(weights=kept).with_local_weights().weights == kept
+    with pytest.raises(ValueError, match="runs/nope.pt"):
+        EngineConfig(weights="runs/nope.pt").with_local_weights()

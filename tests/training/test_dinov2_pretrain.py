@@ -162,3 +162,24 @@ def test_the_collapse_warning_fires_below_its_share_of_the_trained_peak():
     restored.restore([{"step": 0, "ssl/rankme": 99.0}, {"step": 10, "ssl/rankme": 30.0}])
     assert restored.peak_rankme == 30.0
     assert restored.watch({"ssl/rankme": 14.0}, job)["ssl/collapse_warning"] == 1.0
+
+
+def test_the_high_resolution_phase_starts_from_the_first_runs_package(dinov2_run, monkeypatch):
+    """configs/dinov2-highres.yaml loads the first run's package at a larger input: the blocks as
+    they were, the position embedding resampled to the new grid."""
+    from pathray.config import load_config
+    from pathray.models.engines import build_engine
+    from pathray.models.package import read_model_package
+
+    cfg, result = dinov2_run
+    monkeypatch.setenv("PATHRAY_SSL_PACKAGE", result.paths["model"])
+    config = Path(__file__).resolve().parents[2] / "configs" / "dinov2-highres.yaml"
+    high = load_config(
+        config, ["engine.name=debug_vit", "engine.model=null", "engine.model_kwargs={}", "engine.img_size=96"]
+    )
+    assert high.engine.weights == result.paths["model"] and high.data.stream.augment.global_size == 392
+    engine = build_engine(high.engine)
+    package = read_model_package(result.paths["model"]).state
+    key = "blocks.1.mlp.fc2.weight"
+    assert torch.equal(engine.backbone.state_dict()[key], package[f"engine.backbone.{key}"])
+    assert engine.backbone.pos_embed.shape[1] == 1 + (96 // 16) ** 2  # 64 px -> 96 px: 4x4 -> 6x6 patches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationError, WrapValidator, model_validator
@@ -87,6 +88,21 @@ class EngineConfig(Section):
                 )
         return self
 
+    def with_local_weights(self) -> EngineConfig:
+        """This section with a local ``weights`` path made absolute (a Ray worker runs in another
+        folder); ``hf-cache:``, ``hf-hub:``, ``timm:`` and URLs are left as they are.
+
+        Raises:
+            ValueError: a local path that does not exist (named, with the folder it was taken from).
+        """
+        source = self.weights
+        if not source or "://" in source or source.split(":", 1)[0] in WEIGHT_SCHEMES:
+            return self
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ValueError(f"engine.weights {source!r}: no such file or folder (from {Path.cwd()})")
+        return self.model_copy(update={"weights": str(path.resolve())})
+
     @property
     def finetune_mode(self) -> tuple[str, int]:
         """(``full`` | ``frozen`` | ``last_blocks`` | ``lora``, N of ``last_blocks:N``)."""
@@ -101,6 +117,8 @@ class EngineConfig(Section):
         preset = get_preset(self.preset)
         return preset.replace(**overrides) if overrides else preset
 
+
+WEIGHT_SCHEMES = ("hf-cache", "hf-hub", "hf_hub", "timm")
 
 FINETUNE_MODES = ("full", "frozen", "last_blocks:N", "lora")
 

@@ -81,8 +81,9 @@ class Learner(Protocol):
         ...
 
     @staticmethod
-    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
-        """The task whose targets the val tiles carry, and the sampler that draws them."""
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str, bool]:
+        """The task whose targets the val tiles carry, the sampler that draws them, and whether they
+        are probe labels of a self-supervised run (held out on any annotated slide)."""
         ...
 
     @staticmethod
@@ -173,8 +174,8 @@ class SupervisedLearner:
         return evaluate_supervised(engine, task, checkpoint, tiles)
 
     @staticmethod
-    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
-        return task, "random_tissue"
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str, bool]:
+        return task, "random_tissue", False
 
     @staticmethod
     def packaged(engine: EngineConfig, task: TaskSpec, checkpoint: Path) -> tuple[nn.Module, Any]:
@@ -287,11 +288,11 @@ class DinoLearner:
         return evaluate_ssl(engine, task, checkpoint, replace(tiles, split=None))
 
     @staticmethod
-    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str]:
+    def val_tiles(task: TaskSpec) -> tuple[TaskSpec, str, bool]:
         """Class-balanced tiles labelled with the annotated class they were drawn from."""
         from pathray.models.tasks import ClassificationConfig, build_task
 
-        return build_task(ClassificationConfig()), "class_balanced"
+        return build_task(ClassificationConfig()), "class_balanced", True
 
     @staticmethod
     def packaged(engine: EngineConfig, task: TaskSpec, checkpoint: Path) -> tuple[nn.Module, Any]:

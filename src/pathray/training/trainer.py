@@ -96,6 +96,7 @@ def run_training(
     from pathray.training.tracking import check_tracking, track_run
 
     check_tracking(cfg.tracking)  # before training, not after it
+    cfg = cfg.model_copy(update={"engine": cfg.engine.with_local_weights()})  # workers run elsewhere
     if manifest is None:
         if not cfg.data.manifest:
             raise ValueError("data.manifest is not set")
@@ -200,19 +201,18 @@ def run_training(
 
 
 def val_tiles(
-    cfg: ProjectConfig, manifest: Any, task: Any, sampler: str = "random_tissue"
+    cfg: ProjectConfig, manifest: Any, task: Any, sampler: str = "random_tissue", ssl: bool = False
 ) -> list[dict[str, Any]] | None:
     """The val split's fixed, unaugmented tile batches (``task``'s targets, drawn by ``sampler``) a
     run scores at every checkpoint; None when there is nothing to score (no ``train.val_split``, no
     such annotated slides, or a run that trains on every split).
 
-    A self-supervised run (whose val targets are labels for its probes) is watched on the val
+    A self-supervised run (``ssl``: its val targets are labels for its probes) is watched on the val
     split's annotated slides where there are some, else on every annotated slide: its held-out
     tiles are then fixed coordinates no training epoch draws."""
     from pathray.training.evaluate import EvalTiles
 
     split = cfg.train.val_split
-    ssl = sampler == "class_balanced"
     if not ssl and (split is None or cfg.data.split is None or split == cfg.data.split):
         return None
     if ssl and (split is None or not (manifest["split"] == split).any()):
