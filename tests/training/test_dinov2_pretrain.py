@@ -137,17 +137,6 @@ def test_the_midnight_config_trains_a_few_steps_with_kde_hed_and_the_hsv_filter(
     assert [r["step"] for r in rows if "ssl/rankme" in r] == [0, 4]
 
 
-def test_a_short_run_beats_the_same_backbone_at_random_init_on_the_knn_probe(dinov2_run):
-    """The kNN probe on the fixed held-out tiles, at step 0 (random init, the same weights the run
-    starts from) and after 80 steps. We saw 0.38 -> 0.51 (linear probe 0.35 -> 0.51) in process;
-    we require 0.05 more."""
-    cfg, result = dinov2_run
-    watched = [r for r in history(result) if "ssl/knn_acc" in r]
-    start, end = watched[0], watched[-1]
-    assert start["step"] == 0 and end["step"] == 80
-    assert end["ssl/knn_acc"] >= start["ssl/knn_acc"] + 0.05, watched
-
-
 def test_the_collapse_warning_fires_below_its_share_of_the_trained_peak():
     from types import SimpleNamespace
 
