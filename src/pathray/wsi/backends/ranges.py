@@ -73,6 +73,15 @@ class _Stopped(Exception):
     """The reader went away: a streamed request ends early."""
 
 
+def read_into(read: Any, buf: Any) -> int:
+    """``readinto`` over a ``read(n)``: fills any writable buffer (a numpy array, bytearray or
+    memoryview alike, as tifffile passes) and returns the bytes read."""
+    view = memoryview(buf).cast("B")
+    data = read(len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
 class ByteCounter:
     """Counts bytes fetched from storage, so a test can prove a tile read is a small range."""
 
@@ -100,10 +109,7 @@ class CountingFile:
         return data
 
     def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")  # a numpy array, bytearray or memoryview alike
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        return read_into(self.read, buf)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
@@ -169,10 +175,7 @@ class RemoteFile:
             return data
 
     def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        return read_into(self.read, buf)
 
     def _span(self, start: int, end: int) -> bytes:
         for k, (at, data) in enumerate(self._spans):

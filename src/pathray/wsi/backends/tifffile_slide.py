@@ -52,22 +52,6 @@ def _aperio_mpp(description: str) -> float | None:
         return None
 
 
-class _Readable:
-    """A file from ``open_file`` whose ``readinto`` takes any buffer (tifffile reads arrays into numpy)."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        data = self._raw.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
 @SLIDE_BACKENDS.register("tifffile")
 class TifffileBackend(Slide):
     """Aperio SVS and generic pyramidal TIFF through tifffile and ``tiledecode``, by byte ranges."""
@@ -84,7 +68,7 @@ class TifffileBackend(Slide):
         super().__init__(location, mpp_override, storage)
         import tifffile
 
-        self._source = _Readable(open_file(location, storage, self.counter))
+        self._source = open_file(location, storage, self.counter)  # its readinto fills numpy buffers
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
