@@ -443,3 +443,25 @@ def test_counting_file_reads_into_numpy_buffers() -> None:
     assert out.tobytes() == bytes(range(10))
     tail = bytearray(4)
     assert f.readinto(tail) == 4 and bytes(tail) == bytes(range(10, 14))
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "tifffile"])
+def test_an_outage_while_the_header_is_read_is_an_outage_not_a_bad_slide(
+    uploaded, s3_storage, requests_of, store, backend
+):
+    """The endpoint answers the object's size, then freezes before the first header read: the
+    reader's failure must stay a retryable ``SlideUnavailableError``, not become a format error
+    that would mark a good slide as broken for the rest of a run."""
+    _, uri = uploaded[SLIDES[0]]
+    storage = s3_storage.model_copy(
+        update={"read_timeout_s": 0.5, "retries": 1, "retry_backoff_s": 0.1, "deadline_s": 2.0}
+    )
+    requests = requests_of(storage)
+    requests.before_send = lambda n: store.pause() if n == 1 else None
+    with pytest.raises(SlideUnavailableError) as caught:
+        open_slide(uri, storage, backend=backend)
+    assert uri in str(caught.value) and "cannot read it" not in str(caught.value)
+    store.resume()
+    requests.before_send = None
+    with open_slide(uri, storage, backend=backend) as slide:  # the same slide, once it answers
+        assert slide.dimensions[0] > 0

@@ -12,6 +12,7 @@ from pathray.storage import (
     StorageError,
     StorageUnavailableError,
     UnsupportedSchemeError,
+    describe,
 )
 
 
@@ -73,3 +74,26 @@ def as_slide_error(exc: StorageError) -> SlideError:
         if isinstance(exc, storage_type):
             return slide_type(exc.uri, exc.cause)
     return SlideReadError(exc.uri, exc.cause)
+
+
+def storage_failure(exc: BaseException) -> StorageError | None:
+    """The storage failure behind a reader's exception, if any (the reader may have wrapped it).
+
+    A TIFF reader that opens a remote file sees its reads fail; that is an outage or a missing
+    object, not a malformed slide, and must keep its flavour (retryable, or not found)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, StorageError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def reader_failure(uri: str, reader: str, exc: BaseException) -> StorageError:
+    """What a reader's failure to open a slide is: its storage flavour, else a format error."""
+    found = storage_failure(exc)
+    if found is not None:
+        return as_slide_error(found)
+    return SlideFormatError(uri, f"{reader} cannot read it ({describe(exc)})")

@@ -16,7 +16,7 @@ import numpy as np
 from pathray.lru import LruCache
 from pathray.registry import SLIDE_BACKENDS
 from pathray.storage import Location, StorageConfig, describe
-from pathray.wsi.backends.errors import SlideFormatError, SlideReadError
+from pathray.wsi.backends.errors import SlideFormatError, SlideReadError, reader_failure
 from pathray.wsi.backends.ranges import RangeReader, open_file
 from pathray.wsi.backends.slide import FILL, Slide, to_rgb
 
@@ -99,7 +99,7 @@ class TiffSlideBackend(Slide):
                 downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         except Exception as exc:  # noqa: BLE001 - every reader failure becomes a SlideFormatError
             self._close_source(source)
-            raise SlideFormatError(location.uri, f"tiffslide cannot read it ({describe(exc)})") from None
+            raise reader_failure(location.uri, "tiffslide", exc) from None
         try:
             self._init_levels(dims, downsamples, props)  # type: ignore[arg-type]
         except SlideFormatError:

@@ -22,7 +22,7 @@ import numpy as np
 from pathray.lru import LruCache
 from pathray.registry import SLIDE_BACKENDS
 from pathray.storage import Location, StorageConfig, describe
-from pathray.wsi.backends.errors import SlideFormatError, SlideReadError
+from pathray.wsi.backends.errors import SlideFormatError, SlideReadError, reader_failure
 from pathray.wsi.backends.ranges import RangeReader, open_file
 from pathray.wsi.backends.slide import FILL, Slide, to_rgb
 from pathray.wsi.tiledecode import TileDecodeError, TileLayout, decode_tiles_cpu, read_tiles
@@ -84,7 +84,7 @@ class TifffileBackend(Slide):
             raise
         except Exception as exc:  # noqa: BLE001 - every reader failure becomes a SlideFormatError
             self._close_source()
-            raise SlideFormatError(location.uri, f"tifffile cannot read it ({describe(exc)})") from None
+            raise reader_failure(location.uri, "tifffile", exc) from None
         self._vendor = "aperio" if description.startswith("Aperio") else "generic-tiff"
         mpp = _aperio_mpp(description) if self._vendor == "aperio" else None
         self._mpp = mpp if mpp is not None else _mpp_from_tags(page0)
