@@ -13,6 +13,7 @@ them from the environment variables ``key_env`` and ``secret_env`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -485,16 +486,24 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> str:
     """Write one whole object, replacing any earlier version (parent folders made on local disk).
 
-    A whole-object put: s3fs refuses to open files for writing with the small read block size
-    that tile reads want (``StorageConfig.block_size``). Returns ``uri``.
+    Atomic: one PUT on object storage, a renamed temporary file on local disk. A whole-object
+    put, since s3fs refuses to open files for writing with the small read block size that tile
+    reads want (``StorageConfig.block_size``). Returns ``uri``.
     """
     location = parse_uri(uri)
-    if location.is_local:
+    if location.is_local:  # a temporary file renamed into place: a reader never sees half a file
+        tmp = f"{location.path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             os.makedirs(location.path.rsplit("/", 1)[0], exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, location.path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise translate_error(uri, exc) from None
-    call(location, storage, "pipe_file", location.path, data)
+        return uri
+    call(location, storage, "pipe_file", location.path, data)  # one PUT: whole or nothing
     return uri
 
 
