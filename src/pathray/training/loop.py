@@ -88,6 +88,21 @@ def schedule_weight_decay(optimizer: Any, job: WorkerJob, progress: float) -> No
         group["weight_decay"] = group["initial_weight_decay"] * factor
 
 
+def optimizer_step(learner: Learner, optimizer: Any, scheduler: Any, job: WorkerJob, step: int) -> None:
+    """One optimizer step once the gradients are in: the learner's pre-step hook (frozen last
+    layers), gradient clipping, the update, the lr and weight-decay schedules, then the learner's
+    post-step work (the teacher's EMA) at this step's progress."""
+    steps = max(1, job.train.steps)
+    learner.before_step(step)
+    if job.optim.clip_grad:
+        nn.utils.clip_grad_norm_(learner.trainable.parameters(), job.optim.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    schedule_weight_decay(optimizer, job, (step + 1) / steps)
+    learner.after_step(step / steps)
+
+
 def weights_digest(model: nn.Module) -> str:
     """A digest of the full parameters (sharded ones gathered: every rank calls it). BatchNorm
     running statistics are left out: each rank updates its own in the forward pass."""
@@ -177,14 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window.update(detach(outputs), batch)
             micro += 1
             if micro % accum == 0:
-                learner.before_step(state["step"])
-                if job.optim.clip_grad:
-                    nn.utils.clip_grad_norm_(learner.trainable.parameters(), job.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                schedule_weight_decay(optimizer, job, (state["step"] + 1) / max(1, steps))
-                learner.after_step(progress)
+                optimizer_step(learner, optimizer, scheduler, job, state["step"])
                 state["step"] += 1
                 state["epoch"] = int(batch["epoch"].max()) if "epoch" in batch else state["epoch"]
                 losses.append(float(loss.detach()))
