@@ -153,25 +153,56 @@ def test_the_collapse_warning_fires_below_its_share_of_the_trained_peak():
     assert restored.watch({"ssl/rankme": 14.0}, job)["ssl/collapse_warning"] == 1.0
 
 
-def test_the_high_resolution_phase_starts_from_the_first_runs_package(dinov2_run, monkeypatch):
-    """configs/dinov2-highres.yaml loads the first run's package at a larger input: the blocks as
-    they were, the position embedding resampled to the new grid."""
+def test_the_high_resolution_phase_resumes_the_first_run_at_the_larger_size(
+    dinov2_run, tmp_path, monkeypatch
+):
+    """configs/dinov2-highres.yaml starts from the first run's newest checkpoint at a larger input:
+    student, teacher and heads as they were (position embeddings resampled to the new grid), a
+    fresh step count. One step at lr 0 with the teacher's momentum at 1 changes no weight, so its
+    checkpoint holds exactly the first run's weights."""
     from pathray.config import load_config
-    from pathray.models.engines import build_engine
-    from pathray.models.package import read_model_package
+    from pathray.training.evaluate import load_checkpoint
+    from pathray.training.trainer import init_checkpoint, run_training
 
     cfg, result = dinov2_run
-    monkeypatch.setenv("PATHRAY_SSL_PACKAGE", result.paths["model"])
-    config = Path(__file__).resolve().parents[2] / "configs" / "dinov2-highres.yaml"
+    monkeypatch.setenv("PATHRAY_SSL_RUN", result.run_dir)
     high = load_config(
-        config, ["engine.name=debug_vit", "engine.model=null", "engine.model_kwargs={}", "engine.img_size=96"]
+        Path(__file__).resolve().parents[2] / "configs" / "dinov2-highres.yaml",
+        [
+            f"data.manifest={cfg.data.manifest}",
+            "scale.workers=1",
+            "scale.cpus_per_worker=1",
+            "data.stream.readers=1",
+            f"run.storage_path={tmp_path}",
+            "run.name=highres",
+            *SMALL,
+            "engine.img_size=96",
+            "data.stream.sampler.size=96",
+            "data.stream.augment.global_size=96",
+            "optim.lr=0.0",
+            "optim.weight_decay=0.0",
+            "optim.weight_decay_end=null",
+            "task.ema_momentum=1.0",
+            "train.steps=1",
+            "train.batch_size=4",
+            "train.val_tiles_per_slide=4",
+            "train.eval_split=null",
+            "run.checkpoint_every=1",
+        ],
     )
-    assert high.engine.weights == result.paths["model"] and high.data.stream.augment.global_size == 392
-    engine = build_engine(high.engine)
-    package = read_model_package(result.paths["model"]).state
-    key = "blocks.1.mlp.fc2.weight"
-    assert torch.equal(engine.backbone.state_dict()[key], package[f"engine.backbone.{key}"])
-    assert engine.backbone.pos_embed.shape[1] == 1 + (96 // 16) ** 2  # 64 px -> 96 px: 4x4 -> 6x6 patches
+    assert high.train.init_from == result.run_dir and high.engine.weights is None
+    first = init_checkpoint(result.run_dir)
+    second = run_training(high)
+    assert [r["step"] for r in history(second) if "ssl/rankme" in r][0] == 0  # a fresh step count
+    latest = sorted(p for p in Path(second.run_dir).glob("checkpoint_*") if p.is_dir())[-1]
+    saved = load_checkpoint(latest)
+    for entry in ("model", "teacher_model"):
+        before, after = first[entry], saved[entry]
+        assert before.keys() == after.keys()
+        pos = [k for k in before if k.endswith("pos_embed")]
+        assert pos and all(after[k].shape[1] == 1 + (96 // 16) ** 2 != before[k].shape[1] for k in pos)
+        same = [k for k in before if k not in pos]
+        assert all(torch.equal(before[k], after[k]) for k in same), entry
 
 
 def fixed_tiles(batches) -> dict:

@@ -100,6 +100,12 @@ class TrainConfig(Section):
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many val scores in a row without a better one; null: never"
     )
+    init_from: str | None = Field(
+        None,
+        description="start from a previous run (its folder or one checkpoint_* folder, local or object "
+        "storage): its model, teacher, heads and centring state, position embeddings resampled to this "
+        "run's input size; the optimizer, schedules and step start anew (DINOv2's high-resolution phase)",
+    )
     seed: int = 0
     fail_at_step: int | None = Field(None, description="testing aid: SIGKILL one worker once at this step")
     fail_rank: int = 1

@@ -369,3 +369,23 @@ class DinoV2Learner(DinoLearner):
 
     def load_task_state(self, state: dict[str, Any]) -> None:
         self.objective.load_state_dict(state)
+
+
+def fit_positions(learner: Learner, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (another run's checkpoint) with every position embedding whose grid differs from
+    this learner's resampled to it: a run at another input size starts from it (``train.init_from``)."""
+    from pathray.models.foundation import resample_pos_embed
+
+    model = unwrap(learner.trainable)
+    backbone = model.engine.backbone
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = dict(saved)
+    for entry in ("model", "teacher_model"):
+        if entry not in saved:
+            continue
+        state = dict(saved[entry])
+        for key, value in saved[entry].items():
+            if key.endswith("pos_embed") and key in own and tuple(value.shape) != own[key]:
+                state[key] = resample_pos_embed(backbone, {"pos_embed": value}, source=key)["pos_embed"]
+        out[entry] = state
+    return out

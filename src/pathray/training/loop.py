@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pathray.storage import StorageError, join_uri, write_text
-from pathray.training.learners import Learner, WorkerJob, build_learner, detach, unwrap
+from pathray.training.learners import Learner, WorkerJob, build_learner, detach, fit_positions, unwrap
 from pathray.training.outputs import HISTORY_FILE
 from pathray.training.parallel import (
     full_parameters,
@@ -156,6 +156,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         state = {"step": int(saved["step"]), "epoch": int(saved["epoch"])}
         history = list(saved["history"])
+    elif config.get("init") is not None:  # train.init_from: another run's weights, a fresh optimizer
+        learner.load(fit_positions(learner, ray.get(config["init"])))
     if val is not None:
         val.restore(history)
         # an SSL run's baseline: its initial weights (not when sharded: FSDP's first forward must

@@ -67,6 +67,36 @@ def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str
     return json.loads(call(newest, storage, "cat_file", newest.path))
 
 
+def init_checkpoint(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """The learner state of the run (its newest checkpoint) or checkpoint folder at ``uri``, read
+    from any store as tensors and plain values (never unpickling code): what ``train.init_from``
+    starts a run from. The optimizer and history stay behind.
+
+    Raises:
+        FileNotFoundError: ``uri`` holds no pathray checkpoint.
+    """
+    import io
+
+    import torch
+
+    from pathray.training.evaluate import CHECKPOINT_FILE
+
+    location = parse_uri(uri)
+    base = location.path.rstrip("/")
+    try:
+        found = sorted(call(location, storage, "glob", f"{base}/checkpoint_*/{CHECKPOINT_FILE}"))
+        found = found or call(location, storage, "glob", f"{base}/{CHECKPOINT_FILE}")
+    except ObjectNotFoundError:
+        found = []
+    if not found:
+        raise FileNotFoundError(f"train.init_from: {uri} holds no run checkpoint ({CHECKPOINT_FILE})")
+    newest = Location(location.uri, location.protocol, found[-1])
+    saved = torch.load(
+        io.BytesIO(call(newest, storage, "cat_file", newest.path)), map_location="cpu", weights_only=True
+    )
+    return {k: saved[k] for k in ("model", "teacher_model", "task") if k in saved}
+
+
 def epochs_needed(cfg: ProjectConfig, slides: int) -> int:
     """Epochs of coordinates one pass must hold for the whole run (a little margin for skipped tiles)."""
     per_epoch = max(1, slides * cfg.data.stream.sampler.tiles_per_slide)
@@ -133,10 +163,15 @@ def run_training(
     learner = LEARNERS.get(task.learner)
     val_batches = val_tiles(cfg, manifest, *learner.val_tiles(task)) if learner.validates else None
     scored = val_batches is not None and learner.selects_checkpoint
+    init = init_checkpoint(cfg.train.init_from, cfg.storage) if cfg.train.init_from else None
     resources = {"CPU": cfg.scale.cpus_per_worker, **(cfg.scale.resources_per_worker or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "val": ray.put(val_batches) if val_batches is not None else None},
+        train_loop_config={
+            "job": job,
+            "val": ray.put(val_batches) if val_batches is not None else None,
+            "init": ray.put(init) if init is not None else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.workers,
             use_gpu=cfg.scale.use_gpu,
