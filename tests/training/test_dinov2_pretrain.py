@@ -280,3 +280,54 @@ def test_a_short_dinov2_run_beats_its_random_init_on_the_knn_probe(ray_local, ma
         optimizer_step(learner, optimizer, scheduler, job, step)
     after = knn()
     assert after >= before + 0.05, (before, after)
+
+
+def test_dinov2_starts_from_a_preset_and_its_local_weights(tmp_path):
+    """``engine.preset`` + ``engine.weights`` (a checkpoint in the preset's published timm layout,
+    kaiko's ViT-S/16 made 2 blocks deep): student and teacher start from exactly those weights
+    (position embedding resampled to 64 px crops), and a DINOv2 step trains the student from there."""
+    import numpy as np
+
+    from pathray.config import load_config
+    from pathray.datasets.augment import multicrop
+    from pathray.models.foundation import build_backbone
+    from pathray.models.presets import get_preset
+    from pathray.training.learners import DinoV2Learner, WorkerJob
+    from pathray.training.loop import build_optimizer, optimizer_step
+
+    torch.manual_seed(1)
+    published = build_backbone(get_preset("kaiko_vits16").replace(model_kwargs={"depth": 2})).state_dict()
+    torch.save(published, tmp_path / "kaiko.pth")
+    small = [o for o in SMALL if not o.startswith(("engine.name", "engine.model", "engine.img_size"))]
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "dinov2-pretrain.yaml",
+        [
+            *small,
+            "engine.preset=kaiko_vits16",
+            "engine.model=null",
+            "engine.model_kwargs={depth: 2}",
+            f"engine.weights={tmp_path / 'kaiko.pth'}",
+            "engine.img_size=64",
+            "train.steps=10",
+        ],
+    )
+    torch.manual_seed(0)
+    learner = DinoV2Learner(cfg.engine, cfg.task_spec())
+    for net in (learner.model, learner.teacher):
+        state = net.engine.backbone.state_dict()
+        assert state.keys() == published.keys()
+        assert state["pos_embed"].shape[1] == 1 + 4 * 4 != published["pos_embed"].shape[1]
+        assert all(torch.equal(state[k], published[k]) for k in published if k != "pos_embed")
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    views = [multicrop(t, cfg.data.stream.augment, rng) for t in tiles]
+    batch = {k: torch.from_numpy(np.stack([v[k] for v in views])) for k in views[0]}
+    job = WorkerJob.from_project(cfg)
+    optimizer, scheduler = build_optimizer(learner.model, job)
+    loss, _ = learner.loss(batch, 0.0)
+    loss.backward()
+    optimizer_step(learner, optimizer, scheduler, job, 0)
+    assert torch.isfinite(loss)
+    moved = learner.model.engine.backbone.state_dict()["blocks.1.attn.qkv.weight"]
+    assert not torch.equal(moved, published["blocks.1.attn.qkv.weight"])
