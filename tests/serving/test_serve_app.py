@@ -235,12 +235,75 @@ def test_slides_outside_the_allowed_prefixes_are_refused_and_never_opened(servic
     }
     for status, uris in cases.items():
         for uri in uris:
-            r = service.post({"slide": uri, "model": "seg"})
-            assert r.status_code == status, (uri, r.text)
-            assert r.json()["detail"], uri
+            for path in ("/v1/analyses", "/v1/embeddings"):  # one set of rules for both
+                r = service.client.post(path, json={"slide": uri, "model": "seg"})
+                assert r.status_code == status, (path, uri, r.text)
+                assert r.json()["detail"], uri
     time.sleep(1.0)
     assert not _opened_by_someone(secret)
     assert service.stored_ids() == []
+
+
+def test_a_slide_is_embedded_over_http_into_the_file_pathray_embed_writes(service):
+    """POST /v1/embeddings runs like an analysis (202, status, then the file): every tissue tile
+    of the slide's grid at the model's tile size and mpp, embedded by the model replicas, equal to
+    the package's own embedder on the same tiles read directly, in the embedding file format."""
+    import numpy as np
+
+    from pathray.inference.config import InferenceConfig
+    from pathray.inference.embedder import load_embedder
+    from pathray.inference.embeddings import from_parquet
+    from pathray.serving.embed import plan_slide_tiles
+    from pathray.storage import StorageConfig
+    from pathray.wsi.backends.open import open_slide
+    from pathray.wsi.patching.tissue import TissueConfig
+
+    slide = service.slides / "slide_000.svs"
+    r = service.client.post("/v1/embeddings", json={"slide": str(slide), "model": "embed"})
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    assert r.headers["location"] == f"/v1/embeddings/{job}" and r.json()["kind"] == "embedding"
+    deadline = time.monotonic() + 180
+    while (doc := service.client.get(f"/v1/embeddings/{job}").json())["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.2)
+    assert doc["status"] == "done", doc
+    assert service.client.get(f"/v1/analyses/{job}").status_code == 404  # not an analysis
+    data = service.client.get(f"/v1/embeddings/{job}/embeddings.parquet").content
+    assert data == service.stored(job, "embeddings.parquet")
+    table = from_parquet(data)
+
+    embedder = load_embedder(str(service.root / "models" / "embed"), device="cpu")
+    # the same model as `pathray embed --model <package>` (named by where the store keeps it)
+    assert table.source.same_model(embedder.source) and table.source.model.endswith("/serve-models/embed")
+    tile, mpp = embedder.tile_size, embedder.mpp
+    planned = plan_slide_tiles(
+        "slide_000",
+        str(slide),
+        None,
+        tile,
+        mpp,
+        0.0,
+        InferenceConfig().min_tissue,
+        StorageConfig(),
+        TissueConfig(),
+    )
+    n = int(planned["n_tiles"][0])
+    assert n > 8 and doc["progress"]["total_tiles"] == n == len(table)
+    assert np.array_equal(table.x, planned["x"]) and np.array_equal(table.y, planned["y"])
+    assert (table.size == tile).all() and np.allclose(table.mpp, mpp) and table.slide_id == "slide_000"
+    coords = list(zip(table.x[:8].tolist(), table.y[:8].tolist(), strict=True))
+    direct = embedder.embed(open_slide(str(slide)).read_batch(coords, tile, mpp))
+    np.testing.assert_allclose(
+        table.embeddings[:8].astype(np.float32), direct.astype(np.float32), rtol=1e-2, atol=1e-2
+    )
+
+    assert (
+        service.client.post("/v1/embeddings", json={"slide": str(slide), "model": "nope"}).status_code == 404
+    )
+    bad = {"slide": str(slide), "model": "embed", "overlap": 0.9}
+    assert service.client.post("/v1/embeddings", json=bad).status_code == 422
+    assert service.client.get(f"/v1/embeddings/{job}/summary.json").status_code == 404
 
 
 def test_malformed_bodies_get_422_and_large_ones_413(service):

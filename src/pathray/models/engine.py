@@ -105,6 +105,11 @@ class Engine(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """The pooled embedding alone, ``self(x)[0]``: engines override it to skip the dense decoder,
+        which embedding a cohort would compute for nothing."""
+        return self(x)[0]
+
     def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Normalise inputs with ``mean``/``std``: the model's own (timm's data config), or a model
         package's, recorded when it was made."""

@@ -82,6 +82,11 @@ class CNNEngine(Engine):
         dense = self.decoder(features, (height // self.dense_stride, width // self.dense_stride))
         return pooled, dense
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """``forward(x)[0]`` without the U-Net decoder."""
+        with self.backbone_context():
+            return self.backbone(x)[self.keep[-1]].mean(dim=(2, 3))
+
     def layer_id(self, name: str) -> int:
         return self._stages.get(name.split(".")[0], self.num_layers)
 

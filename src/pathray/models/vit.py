@@ -110,6 +110,18 @@ class ViTEngine(Engine):
         dense = self.decoder(grid, size)[..., : height // self.dense_stride, : width // self.dense_stride]
         return pooled, dense
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """``forward(x)[0]`` from the final tokens alone: no intermediate blocks, no decoder."""
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.patch_size[0], -width % self.patch_size[1]
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        with self.backbone_context():
+            tokens = self.backbone.forward_features(x)
+            if self.pooling:
+                return pool_tokens(tokens, self.pooling, self.num_prefix_tokens)
+            return self.backbone.forward_head(tokens, pre_logits=True)
+
     def _patch_grid(self, tokens: Tensor, grid_h: int, grid_w: int, size: tuple[int, int]) -> Tensor:
         patches = tokens[:, self.num_prefix_tokens :]
         if patches.shape[1] != grid_h * grid_w:

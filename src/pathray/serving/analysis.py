@@ -35,6 +35,7 @@ class AnalysisStatus(BaseModel):
     slide: str
     model: str
     mpp: float | None = None
+    kind: Literal["analysis", "embedding"] = "analysis"
     progress: Progress
     timings: dict[str, float]
     links: dict[str, str]
@@ -52,6 +53,8 @@ class Analysis:
     outputs: list[str]
     uri: str = ""  # the checked URI that is opened (for local files: the resolved path)
     mpp: float | None = None  # level-0 µm/px the request gave (overrides the slide's metadata)
+    kind: str = "analysis"  # or "embedding": POST /v1/embeddings
+    overlap: float = 0.0  # embeddings: grid overlap between neighbouring tiles
     state: str = "queued"
     reason: str | None = None
     done_tiles: int = 0
@@ -68,7 +71,8 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
-    def doc(self, base: str = "/v1/analyses") -> dict[str, Any]:
+    def doc(self) -> dict[str, Any]:
+        base = "/v1/embeddings" if self.kind == "embedding" else "/v1/analyses"
         links = {"self": f"{base}/{self.id}"}
         if self.state == "done":
             links.update({name: f"{base}/{self.id}/{name}" for name in self.outputs})
@@ -79,6 +83,7 @@ class Analysis:
             "slide": self.slide,
             "model": self.model,
             "mpp": self.mpp,
+            "kind": self.kind,
             "progress": {
                 "done_tiles": self.done_tiles,
                 "total_tiles": self.total_tiles,

@@ -37,6 +37,25 @@ class AnalysisRequest(BaseModel):
     )
 
 
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings`` body: every tissue tile of one slide through a model's backbone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slide: str = Field(..., max_length=2048, description="slide URI under an allowed prefix")
+    model: str = Field(..., max_length=128, description="model id (GET /v1/models): its tile size and mpp")
+    mpp: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_PLAUSIBLE_MPP,
+        description="level-0 µm/px of the slide, overriding its metadata (for slides that have none)",
+    )
+    overlap: float = Field(0.0, ge=0.0, le=0.5, description="grid overlap between neighbouring tiles")
+
+
+EMBEDDING_FILE = "embeddings.parquet"
+
+
 class ModelInfo(BaseModel):
     """One model of the store, from its package's config."""
 
@@ -118,49 +137,95 @@ def build_api(config: ServeAppConfig, service: AnalysisService, token: str | Non
         ids = await asyncio.to_thread(models.ids)
         return {"models": [await asyncio.to_thread(models.describe, i) for i in ids]}
 
-    @v1.post("/analyses", status_code=202, response_model=AnalysisStatus)
-    async def create_analysis(body: AnalysisRequest) -> JSONResponse:
+    def checked_uri(slide: str) -> str:
         try:
-            uri = check_slide_uri(body.slide, security.allowed_prefixes)
+            return check_slide_uri(slide, security.allowed_prefixes)
         except UriRejected as exc:
             raise HTTPException(exc.status, exc.reason) from None
+
+    async def known_model(model: str) -> None:
+        known = await asyncio.to_thread(models.ids)
+        if model not in known:
+            raise HTTPException(404, {"message": f"unknown model {model!r}", "known": known})
+
+    def room_for_one_more() -> None:
+        if service.pending >= config.serve.ingress.max_pending_analyses:
+            raise HTTPException(
+                429, "too many analyses queued; try again later", headers={"Retry-After": "30"}
+            )
+
+    async def job_of_kind(job_id: str, kind: str) -> dict[str, Any]:
+        doc = await service.status(job_id) if is_safe_id(job_id) else None
+        if doc is None or doc.get("kind", "analysis") != kind:
+            raise HTTPException(404, f"no {kind} {job_id!r}")
+        return doc
+
+    @v1.post("/analyses", status_code=202, response_model=AnalysisStatus)
+    async def create_analysis(body: AnalysisRequest) -> JSONResponse:
+        uri = checked_uri(body.slide)
         outputs = list(OUTPUT_FILES) if body.outputs is None else list(dict.fromkeys(body.outputs))
         unknown = [o for o in outputs if o not in OUTPUT_FILES]
         if unknown:
             raise HTTPException(422, f"unknown outputs {unknown}; known: {list(OUTPUT_FILES)}")
         if "summary.json" not in outputs:
             outputs.append("summary.json")
-        known = await asyncio.to_thread(models.ids)
-        if body.model not in known:
-            raise HTTPException(404, {"message": f"unknown model {body.model!r}", "known": known})
+        await known_model(body.model)
         spec = await asyncio.to_thread(models.spec, body.model)
         if not (spec.has_map or spec.has_points):  # an embedding package (an SSL run's teacher)
             raise HTTPException(
                 422,
-                f"model {body.model!r} is an {spec.task_name} model: no class map or points to analyse",
+                f"model {body.model!r} is an {spec.task_name} model: no class map or points to analyse"
+                " (POST /v1/embeddings embeds a slide with it)",
             )
-        if service.pending >= config.serve.ingress.max_pending_analyses:
-            raise HTTPException(
-                429, "too many analyses queued; try again later", headers={"Retry-After": "30"}
-            )
+        room_for_one_more()
         analysis = service.submit(body.slide, uri, body.model, outputs, mpp=body.mpp)
         doc = analysis.doc()
         return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})
 
     @v1.get("/analyses/{analysis_id}", response_model=AnalysisStatus)
     async def get_analysis(analysis_id: str) -> dict[str, Any]:
-        doc = await service.status(analysis_id) if is_safe_id(analysis_id) else None
-        if doc is None:
-            raise HTTPException(404, f"no analysis {analysis_id!r}")
-        return doc
+        return await job_of_kind(analysis_id, "analysis")
+
+    @v1.post("/embeddings", status_code=202, response_model=AnalysisStatus)
+    async def create_embedding(body: EmbeddingRequest) -> JSONResponse:
+        """Embed every tissue tile of a slide with a model's backbone (any package: its pooled
+        embedding), asynchronously; the result is one Parquet file, as ``pathray embed`` writes."""
+        uri = checked_uri(body.slide)
+        await known_model(body.model)
+        room_for_one_more()
+        job = service.submit(
+            body.slide,
+            uri,
+            body.model,
+            [EMBEDDING_FILE],
+            mpp=body.mpp,
+            kind="embedding",
+            overlap=body.overlap,
+        )
+        doc = job.doc()
+        return JSONResponse(doc, status_code=202, headers={"Location": doc["links"]["self"]})
+
+    @v1.get("/embeddings/{job_id}", response_model=AnalysisStatus)
+    async def get_embedding(job_id: str) -> dict[str, Any]:
+        return await job_of_kind(job_id, "embedding")
+
+    @v1.get("/embeddings/{job_id}/{name}")
+    async def get_embedding_file(job_id: str, name: str) -> Response:
+        if name != EMBEDDING_FILE:
+            raise HTTPException(404, f"no file {name!r}; files: [{EMBEDDING_FILE!r}]")
+        doc = await job_of_kind(job_id, "embedding")
+        if doc["status"] != "done":
+            raise HTTPException(409, f"embedding {job_id} is {doc['status']}, not done")
+        data = await asyncio.to_thread(service.results.read_bytes, job_id, name)
+        if data is None:
+            raise HTTPException(404, f"{name} of {job_id} is gone from the results store")
+        return Response(data, media_type="application/vnd.apache.parquet")
 
     @v1.get("/analyses/{analysis_id}/{name}")
     async def get_file(analysis_id: str, name: str) -> Response:
         if name not in OUTPUT_FILES:
             raise HTTPException(404, f"no file {name!r}; files: {list(OUTPUT_FILES)}")
-        doc = await service.status(analysis_id) if is_safe_id(analysis_id) else None
-        if doc is None:
-            raise HTTPException(404, f"no analysis {analysis_id!r}")
+        doc = await job_of_kind(analysis_id, "analysis")
         if doc["status"] != "done":
             raise HTTPException(409, f"analysis {analysis_id} is {doc['status']}, not done")
         if name not in doc["links"]:

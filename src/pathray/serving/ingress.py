@@ -49,7 +49,7 @@ class Ingress:
                 "a bearer token was configured where the app was built, but this replica has none: "
                 f"set ${config.serve.security.token_env} in the cluster's environment"
             )
-        self.service = AnalysisService(config, self._spec, self._chunk, replica_died)
+        self.service = AnalysisService(config, self._spec, self._chunk, replica_died, self._embed)
 
     async def _spec(self, model_id: str) -> Any:
         """The model's spec from its package's YAML: planning a slide loads no weights anywhere."""
@@ -57,6 +57,12 @@ class Ingress:
 
     async def _chunk(self, model_id: str, plan: Any, chunk: Any) -> Any:
         return await self.model.options(multiplexed_model_id=model_id).predict_chunk.remote(plan, chunk)
+
+    async def _embed(
+        self, model_id: str, uri: str, slide_mpp: float | None, xs: Any, ys: Any, spec: Any
+    ) -> Any:
+        handle = self.model.options(multiplexed_model_id=model_id)
+        return await handle.embed_tiles.remote(uri, slide_mpp, xs, ys, spec.tile_size, spec.tile_mpp)
 
     def __serve_build_asgi_app__(self) -> Any:
         from pathray.serving.api import build_api

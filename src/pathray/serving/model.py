@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,8 @@ class ModelServer:
         section = config.serve.model
         torch.set_num_threads(section.torch_threads or max(1, int(section.num_cpus or 1)))
         self.store = ModelStore(config.serve.models, config.storage)
+        self._embedders: dict[str, Any] = {}  # model id -> TileEmbedder, least recently used first
+        self._embedders_lock = threading.Lock()
 
         async def load(model_id: str) -> Any:
             return await asyncio.to_thread(self._load, model_id)
@@ -122,6 +125,75 @@ class ModelServer:
             front_cfg,
         )
         return await asyncio.to_thread(front.predict_chunk, plan.slide_uri, plan, chunk, self.config.storage)
+
+    def _embedder(self, model_id: str) -> Any:
+        """The model's frozen embedder (``load_embedder`` of its package, so the weights digest is the
+        one ``pathray embed`` records), kept in a small LRU beside the predictors."""
+        from pathray.inference.embedder import load_embedder
+
+        with self._embedders_lock:
+            if model_id in self._embedders:
+                self._embedders[model_id] = self._embedders.pop(model_id)  # most recently used last
+                return self._embedders[model_id]
+        device = self.config.inference.device
+        precision = self.config.inference.precision
+        embedder = load_embedder(self.store.uri_for(model_id), None, self.config.storage, device, precision)
+        with self._embedders_lock:
+            self._embedders[model_id] = embedder
+            while len(self._embedders) > self.config.serve.model.max_models_per_replica:
+                self._embedders.pop(next(iter(self._embedders)))
+        return embedder
+
+    async def embed_tiles(
+        self,
+        uri: str,
+        slide_mpp: float | None,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        tile_size: int,
+        tile_mpp: float,
+    ) -> dict[str, Any]:
+        """Read these tiles of ``uri`` here and embed them with the request's model (batched with
+        the replica's other work); returns float16 ``embedding`` rows, an ``ok`` mask (undecodable
+        tiles: False, zeros), the first ``error`` and the model's ``source``."""
+        from dataclasses import asdict
+
+        model_id = serve.get_multiplexed_model_id()
+        embedder = await asyncio.to_thread(self._embedder, model_id)
+        loop = asyncio.get_running_loop()
+
+        def run() -> dict[str, Any]:
+            from pathray.inference.reader import read_tolerant
+            from pathray.wsi.backends.open import open_slide
+
+            slide = open_slide(uri, self.config.storage, mpp=slide_mpp)
+            coords = [(int(x), int(y)) for x, y in zip(xs, ys, strict=True)]
+            tiles, failed, singles = read_tolerant(lambda c: slide.read_batch(c, tile_size, tile_mpp), coords)
+            ok = np.ones(len(coords), bool)
+            ok[np.array([k for k, _ in failed], dtype=np.int64)] = False
+            out = np.zeros((len(coords), embedder.embed_dim), np.float16)
+            if ok.any():
+                images = (
+                    np.asarray(tiles)
+                    if tiles is not None
+                    else np.stack([singles[k] for k in np.flatnonzero(ok)])
+                )
+                step = self.config.serve.model.max_batch_tiles
+                for s in range(0, len(images), step):
+                    batch = np.ascontiguousarray(images[s : s + step])
+                    vec = asyncio.run_coroutine_threadsafe(
+                        self._forward_batch((embedder, batch)), loop
+                    ).result()
+                    rows = np.flatnonzero(ok)[s : s + step]
+                    out[rows] = vec.numpy().astype(np.float16)
+            return {
+                "embedding": out,
+                "ok": ok,
+                "error": failed[0][1] if failed else "",
+                "source": asdict(embedder.source),
+            }
+
+        return await asyncio.to_thread(run)
 
     def pid(self) -> int:
         """This replica's process id (tests kill replicas by it)."""

@@ -37,10 +37,12 @@ class AnalysisService:
         spec_of: Callable[[str], Awaitable[Any]],
         run_chunk: Callable[[str, Any, Any], Awaitable[Any]],
         retryable: Callable[[BaseException], bool],
+        embed_tiles: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         self.config = config
         self.section = config.serve.ingress
         self.spec_of, self.run_chunk, self.retryable = spec_of, run_chunk, retryable
+        self.embed_tiles = embed_tiles
         self.results = ResultStore(config.serve.output, config.storage)
         self.analyses: dict[str, Analysis] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -52,11 +54,20 @@ class AnalysisService:
         return len(self._tasks)
 
     def submit(
-        self, slide: str, uri: str, model: str, outputs: list[str], mpp: float | None = None
+        self,
+        slide: str,
+        uri: str,
+        model: str,
+        outputs: list[str],
+        mpp: float | None = None,
+        kind: str = "analysis",
+        overlap: float = 0.0,
     ) -> Analysis:
-        """Queue an analysis of ``slide`` (as asked) at ``uri`` (as checked), at level-0 ``mpp`` when
-        given (else the slide's own); returns at once."""
-        analysis = Analysis(uuid.uuid4().hex, slide, model, outputs, uri=uri, mpp=mpp)
+        """Queue an analysis (``kind``: or an ``embedding`` job) of ``slide`` (as asked) at ``uri``
+        (as checked), at level-0 ``mpp`` when given (else the slide's own); returns at once."""
+        analysis = Analysis(
+            uuid.uuid4().hex, slide, model, outputs, uri=uri, mpp=mpp, kind=kind, overlap=overlap
+        )
         self._forget_old()
         self.analyses[analysis.id] = analysis
         task = asyncio.get_running_loop().create_task(self._run(analysis))
@@ -124,7 +135,7 @@ class AnalysisService:
             started = time.time()
             analysis.timings["queued_s"] = started - analysis.created
             try:
-                await self._analyse(analysis)
+                await (self._embed if analysis.kind == "embedding" else self._analyse)(analysis)
                 analysis.state = "done"
             except Exception as exc:  # noqa: BLE001 - every failure ends as a reason, not a crash
                 analysis.state, analysis.reason = "failed", failure_reason(exc)
@@ -172,18 +183,115 @@ class AnalysisService:
         analysis.timings["write_s"] = time.time() - t2
 
     async def _chunk_with_retries(self, analysis: Analysis, plan: Any, chunk: Any) -> Any:
+        return await self._retrying(
+            analysis, chunk.index, lambda: self.run_chunk(analysis.model, plan, chunk)
+        )
+
+    async def _retrying(self, analysis: Analysis, index: int, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` with the chunk timeout, sent again when the replica died or timed out."""
         for attempt in range(self.section.chunk_retries + 1):
             try:
-                call = self.run_chunk(analysis.model, plan, chunk)
-                return await asyncio.wait_for(call, self.section.chunk_timeout_s)
+                return await asyncio.wait_for(call(), self.section.chunk_timeout_s)
             except Exception as exc:
                 again = isinstance(exc, TimeoutError) or self.retryable(exc)
                 if attempt == self.section.chunk_retries or not again:
                     raise
                 analysis.retries += 1
-                log.warning("chunk %d of %s: %s; retrying", chunk.index, analysis.id, failure_reason(exc))
+                log.warning("chunk %d of %s: %s; retrying", index, analysis.id, failure_reason(exc))
                 await asyncio.sleep(self.section.retry_backoff_s * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _embed(self, analysis: Analysis) -> None:
+        """An embedding job: the slide's tissue grid at the model's tile size and mpp, chunks of
+        tiles read and embedded by model replicas, one Parquet file (``embeddings.parquet``, the
+        format ``pathray embed`` writes) in the results store."""
+        import numpy as np
+
+        from pathray.inference.embeddings import EmbeddingSource, SlideEmbeddings, to_parquet
+        from pathray.serving.embed import plan_slide_tiles
+        from pathray.storage import parse_uri
+
+        if self.embed_tiles is None:
+            raise RuntimeError("this service has no model deployment for embeddings")
+        t0 = time.time()
+        spec = await self.spec_of(analysis.model)
+        slide_id = parse_uri(analysis.uri).path.rsplit("/", 1)[-1].rsplit(".", 1)[0] or analysis.id
+        inference = self.config.inference
+        planned = await asyncio.to_thread(
+            plan_slide_tiles,
+            slide_id,
+            analysis.uri,
+            analysis.mpp,
+            spec.tile_size,
+            spec.tile_mpp,
+            analysis.overlap,
+            inference.min_tissue,
+            self.config.storage,
+            self.config.tissue,
+        )
+        if planned["error"][0]:
+            raise ValueError(str(planned["error"][0]))
+        n = int(planned["n_tiles"][0])
+        if n == 0:
+            raise ValueError(f"{analysis.slide}: no tissue tile to embed")
+        xs, ys, tissue = planned["x"][:n], planned["y"][:n], planned["tissue"][:n]
+        size = inference.chunk_tiles
+        starts = list(range(0, n, size))
+        analysis.total_tiles, analysis.chunks_total = n, len(starts)
+        analysis.timings["plan_s"] = time.time() - t0
+        await self._save(analysis)
+
+        t1 = time.time()
+        gate = asyncio.Semaphore(self.section.inflight_chunks)
+        parts: dict[int, dict[str, Any]] = {}
+
+        async def one(index: int, start: int) -> None:
+            sl = slice(start, start + size)
+            async with gate:
+                part = await self._retrying(
+                    analysis,
+                    index,
+                    lambda: self.embed_tiles(
+                        analysis.model, analysis.uri, analysis.mpp, xs[sl], ys[sl], spec
+                    ),  # type: ignore[misc]
+                )
+            parts[start] = part
+            analysis.done_tiles += int(part["ok"].sum())
+            analysis.failed_tiles += int((~part["ok"]).sum())
+            analysis.chunks_done += 1
+            if n and analysis.failed_tiles / n > inference.max_failed_share:
+                raise ValueError(
+                    f"{analysis.failed_tiles} of {n} tiles do not decode (more than "
+                    f"{inference.max_failed_share:.0%}); first: {part['error']}"
+                )
+
+        jobs = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(starts)]
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            for job in jobs:
+                job.cancel()
+        analysis.timings["embed_s"] = time.time() - t1
+
+        t2 = time.time()
+        source = EmbeddingSource(**parts[starts[0]]["source"])
+        ok = np.concatenate([parts[s]["ok"] for s in starts])
+        vectors = np.concatenate([parts[s]["embedding"] for s in starts])[ok]
+        table = SlideEmbeddings(
+            slide_id=slide_id,
+            x=xs[ok],
+            y=ys[ok],
+            mpp=np.full(int(ok.sum()), spec.tile_mpp, np.float32),
+            size=np.full(int(ok.sum()), spec.tile_size, np.int32),
+            tissue=tissue[ok],
+            embeddings=vectors,
+            source=source,
+        )
+        data = await asyncio.to_thread(to_parquet, table)
+        name = analysis.outputs[0]
+        uri = await asyncio.to_thread(self.results.write_bytes, analysis.id, name, data)
+        analysis.files = {name: uri}
+        analysis.timings["write_s"] = time.time() - t2
 
     def _write(self, analysis: Analysis, result: Any, slide: Any) -> dict[str, str]:
         """Outputs are made in a local temp folder, then put into the store one whole object each."""
