@@ -271,6 +271,27 @@ def data_split(
     typer.echo(f"manifest: {written}")
 
 
+def _train_mil(cfg: PathrayConfig, dashboard: bool) -> None:
+    """k-fold cross-validation of the `mil:` section's model on `data.manifest`'s labelled slides."""
+    from pathray.training.mil import plan_mil, run_mil
+
+    if not cfg.data.manifest:
+        fail("data.manifest is not set: MIL trains on the manifest's labels")
+    assert cfg.mil is not None
+    job = plan_mil(cfg.mil, cfg.data.manifest, cfg.storage, cfg.run)  # manifest, folds, files: before Ray
+    _start_ray(cfg.storage, trains=True, dashboard=dashboard)
+    resolved = {  # credentials are excluded fields: never part of a dump
+        "data": {"manifest": cfg.data.manifest},
+        **cfg.model_dump(mode="json", include={"storage", "scale", "run", "mil"}),
+    }
+    result = run_mil(job, cfg.scale, cfg.run, resolved=resolved)
+    for line in result.lines:
+        typer.echo(line)
+    typer.echo(f"run:        {result.run_dir}")
+    for name, path in result.paths.items():
+        typer.echo(f"{name + ':':11s} {path}")
+
+
 @app.command("train")
 @friendly
 def train(
@@ -282,6 +303,9 @@ def train(
 ) -> None:
     """Train the project's engine on its task with Ray Train; evaluate on the test split.
 
+    A config with a ``mil:`` section cross-validates a slide-level model (ABMIL, mean-pool) on the
+    tile embeddings of ``pathray embed`` instead (configs/mil-abmil.yaml).
+
     ``--set tracking.mlflow=true`` records the run in MLflow too (``tracking.uri``: where).
     """
     from pathray.training.progress import progress_line
@@ -289,6 +313,9 @@ def train(
     from pathray.training.trainer import run_training
 
     cfg = _config(config, overrides)
+    if cfg.mil is not None:  # a `mil:` section: slide-level learning on tile embeddings
+        _train_mil(cfg, dashboard)
+        return
     check_tracking(cfg.tracking)
     _start_ray(cfg.storage, trains=True, dashboard=dashboard)
     result = run_training(cfg, progress=lambda row: typer.echo(progress_line(row, cfg.train.steps), err=True))

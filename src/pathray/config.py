@@ -21,6 +21,7 @@ from pathray.inference.config import InferenceConfig
 from pathray.section import ROOT_SECTIONS, ConfigError, dump_section, load_section
 from pathray.serving.config import ServeSection
 from pathray.training.config import ProjectConfig
+from pathray.training.mil import MILConfig
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,6 +34,7 @@ class PathrayConfig(ProjectConfig):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     serve: ServeSection = Field(default_factory=ServeSection)
     object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
+    mil: MILConfig | None = Field(None, description="slide-level learning on tile embeddings (pathray train)")
 
 
 def load_config(

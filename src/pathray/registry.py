@@ -82,3 +82,5 @@ LEARNERS: Registry[type] = Registry("learner")
 """How a task trains and is evaluated: supervised, self-distillation (``pathray.training.learners``)."""
 PRESETS: Registry[Any] = Registry("foundation preset")
 """Public pathology foundation models: architecture, normalisation, pooling (``pathray.models.presets``)."""
+MIL_MODELS: Registry[Any] = Registry("MIL model")
+"""Slide-level models on bags of tile embeddings: ABMIL, mean-pool (``pathray.models.mil``)."""

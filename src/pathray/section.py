@@ -35,6 +35,7 @@ ROOT_SECTIONS = (
     "inference",
     "serve",
     "object_store",
+    "mil",
 )
 """The top-level sections of pathray's root config (``pathray.config.PathrayConfig``): a file may hold
 any of them, and a part that reads only some (serving) leaves the others alone."""

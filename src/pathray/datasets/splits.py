@@ -161,6 +161,34 @@ def split_counts(
     return pd.DataFrame(rows).set_index("split")
 
 
+def grouped_folds(labels: Sequence[str], groups: Sequence[Any], k: int, seed: int = 0) -> list[int]:
+    """Each slide's fold in ``0..k-1``: whole cases at a time, every label spread over the folds.
+
+    The folds are :func:`grouped_split` into ``k`` equal shares, so the same guarantees hold: no
+    case in two folds, each label's slides as evenly over the folds as its cases allow, seeded.
+    """
+    if k < 2:
+        raise ValueError(f"k must be at least 2 folds, got {k}")
+    names = grouped_split(labels, groups, {str(i): 1.0 for i in range(k)}, seed)
+    return [int(n) for n in names]
+
+
+def fold_manifest(
+    frame: pd.DataFrame,
+    k: int = 5,
+    seed: int = 0,
+    group: str | None = "case_id",
+    stratify: str | None = "label",
+) -> pd.DataFrame:
+    """The manifest with a ``fold`` column (0..k-1) for k-fold cross-validation: grouped by ``group``
+    (absent or empty: each slide its own case), stratified by ``stratify`` (a case under its most
+    common value)."""
+    keys = case_keys(frame, group)
+    out = frame.copy()
+    out["fold"] = grouped_folds(case_labels(frame, keys, stratify), keys, k, seed)
+    return out
+
+
 TRAINING_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 

@@ -76,6 +76,46 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     return float((np.diag(cm)[present] / support[present]).mean()) if present.any() else math.nan
 
 
+def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative (ties
+    count half), by the Mann-Whitney rank sum. NaN without both positives and negatives."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(positive, bool).reshape(-1)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(np.asarray(scores, np.float64).reshape(-1))  # ties: average ranks
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auroc(target: np.ndarray, probs: np.ndarray) -> float:
+    """One-vs-rest AUROC averaged over the classes present in ``target`` (``probs``: ``(N, C)``).
+
+    With two classes this is the ordinary AUROC. A class that is absent from the targets has no
+    ROC curve and is left out (with one class present, no class has both positives and negatives:
+    NaN).
+    """
+    target = np.asarray(target).reshape(-1)
+    probs = np.asarray(probs, np.float64).reshape(len(target), -1)
+    scores = [binary_auroc(target == c, probs[:, c]) for c in range(probs.shape[1])]
+    present = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(present)) if present else math.nan
+
+
+def slide_scores(target: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """``balanced_accuracy``, ``macro_f1`` and ``auroc`` (one-vs-rest macro) of class probabilities
+    ``(N, C)`` against integer targets: what a slide-level model is judged by."""
+    target = np.asarray(target).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, np.float64).reshape(len(target), -1)
+    cm = confusion_matrix(torch.from_numpy(target), torch.from_numpy(probs.argmax(1)), probs.shape[1])
+    return {
+        "balanced_accuracy": balanced_accuracy(cm),
+        "macro_f1": macro_f1(cm),
+        "auroc": macro_auroc(target, probs),
+    }
+
+
 def foreground_dice(cm: np.ndarray, background: int = 0) -> float:
     """Dice of "any foreground class" against ``background``, whatever the class: tissue found."""
     fg = np.ones(len(cm), bool)
