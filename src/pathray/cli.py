@@ -614,6 +614,152 @@ def analyze_cmd(
         typer.echo(f"{name + ':':20s} {uri}")
 
 
+@app.command("embed")
+@friendly
+def embed_cmd(
+    slides: Annotated[str, typer.Argument(help="a manifest (Parquet/CSV: uri, slide_id, mpp) or a slide")],
+    model: Annotated[str, typer.Option("--model", help="foundation preset, model package or timm name")],
+    out: Annotated[str, typer.Option("--out", "-o", help="folder or bucket prefix: <slide_id>.parquet each")],
+    weights: Annotated[
+        str | None, typer.Option(help="weights of a preset or timm name (a timm name without: RANDOM)")
+    ] = None,
+    mpp: Annotated[float | None, typer.Option(help="µm/px of the tiles (default: the model's)")] = None,
+    tile: Annotated[int | None, typer.Option(help="tile side in px (default: the model's)")] = None,
+    overlap: Annotated[float, typer.Option(help="grid overlap fraction between neighbours")] = 0.0,
+    min_tissue: Annotated[float, typer.Option(help="least tissue fraction of a tile")] = 0.05,
+    batch: Annotated[int, typer.Option(help="tiles per forward pass")] = 64,
+    actors: Annotated[int, typer.Option(help="model actors")] = 1,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option(help="GPUs of each model actor (default: 1 if the cluster has GPUs)")
+    ] = None,
+    readers: Annotated[int | None, typer.Option(help="CPU reader actors (default: the CPUs left)")] = None,
+    slide_mpp: Annotated[
+        float | None, typer.Option(help="level-0 µm/px of a slide without one (a manifest: its mpp column)")
+    ] = None,
+    model_kwarg: Annotated[
+        list[str] | None, typer.Option("--model-kwarg", help="KEY=VALUE for a timm name (depth=1: tiny)")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Embed every tissue tile of a cohort: one Parquet file per slide (x, y, tissue, embedding).
+
+    A slide already done by the same model is skipped (a repeated or crashed run resumes); a slide
+    that fails is named and the others go on (exit code 1 when any failed).
+    """
+    import pandas as pd
+    import yaml
+
+    from pathray.serving.embed import MANIFEST_SUFFIXES, embed_slides
+
+    if not 0.0 <= overlap < 1.0:
+        fail(f"--overlap must be in [0, 1), got {overlap:g}")
+    if mpp is not None and mpp <= 0:
+        fail(f"--mpp must be > 0, got {mpp:g}")
+    is_manifest = slides.split("?")[0].lower().endswith(MANIFEST_SUFFIXES)
+    if slide_mpp is not None and is_manifest:
+        fail("--slide-mpp is per slide; give the manifest an mpp column")
+    kwargs = {k: yaml.safe_load(v) for k, v in _key_values(model_kwarg).items()}
+    cfg = _config(config, overrides)
+    source: Any = slides if is_manifest else pd.DataFrame({"uri": [slides], "mpp": [slide_mpp]})
+    _start_ray(cfg.storage, trains=True)
+    progress = _Progress("embed")
+    try:
+        report = embed_slides(
+            source,
+            model,
+            out,
+            weights=weights,
+            storage=cfg.storage,
+            tissue=cfg.tissue,
+            tile_size=tile,
+            mpp=mpp,
+            overlap=overlap,
+            min_tissue=min_tissue,
+            batch_size=batch,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            readers=readers,
+            model_kwargs=kwargs or None,
+            progress=progress,
+        )
+    except ValueError as exc:  # another model's folder, duplicate slide ids, a model that does not load
+        fail(str(exc))
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        fail(f"unknown model {model!r}: not a preset (pathray models list), a model package or a timm name")
+    finally:
+        progress.close()
+    for row in report.slides.itertuples():
+        if row.status == "failed":
+            typer.echo(f"failed  {row.slide_id}  {row.reason}")
+    if report.source.random_init:
+        typer.echo(f"warning: {model} has RANDOM weights (no --weights): for pipeline tests only", err=True)
+    typer.echo(f"embeddings: {out}  {report.summary()}")
+    if report.count("failed"):
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    manifest: Annotated[str, typer.Argument(help="manifest (Parquet/CSV) of slides with annotations_uri")],
+    model: Annotated[
+        list[str], typer.Option("--model", help="foundation preset, model package or timm name (repeat)")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="folder or bucket prefix of the comparison")],
+    weights: Annotated[
+        list[str] | None, typer.Option("--weights", help="MODEL=PATH: weights of a preset or timm name")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="repeats, each with its own tiles and probe init")] = 3,
+    tiles_per_class: Annotated[int, typer.Option(help="tiles of each class per split and seed")] = 64,
+    mpp: Annotated[float | None, typer.Option(help="µm/px of every model's tiles (default: its own)")] = None,
+    tile: Annotated[
+        int | None, typer.Option(help="tile side in px for every model (default: its own)")
+    ] = None,
+    background: Annotated[
+        bool, typer.Option("--background/--no-background", help="unannotated tissue is a class")
+    ] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Compare frozen models as eva does: linear and kNN probes on annotated tiles, mean ± std over
+    seeds. Writes comparison.csv/.md/.png and results.json under --out and prints the table."""
+    from pathray.datasets.manifest import load_manifest
+    from pathray.inference.comparison import write_comparison
+    from pathray.inference.probes import EvalConfig, ProbeError, compare_models, parse_weights
+    from pathray.models.weights import WeightsError
+    from pathray.registry import RegistryError
+
+    if seeds < 1 or tiles_per_class < 1:
+        fail("--seeds and --tiles-per-class must be at least 1")
+    if (mpp is not None and mpp <= 0) or (tile is not None and tile < 16):
+        fail("--mpp must be > 0 and --tile at least 16")
+    cfg = _config(config, overrides)
+    settings = EvalConfig(
+        seeds=seeds, tiles_per_class=tiles_per_class, tile=tile, mpp=mpp, background=background, device=device
+    )
+    try:
+        pairs = parse_weights(weights or [], model)
+        frame = load_manifest(manifest, cfg.storage)
+        progress = lambda line: typer.echo(line, err=True)  # noqa: E731
+        comparison = compare_models(frame, model, settings, pairs, cfg.storage, cfg.tissue, progress=progress)
+    except (ProbeError, RegistryError, WeightsError, FileNotFoundError) as exc:
+        fail(str(exc))
+    files = write_comparison(comparison, out, cfg.storage)
+    for row in comparison.results["models"]:
+        if row["source"].get("random_init"):
+            typer.echo(
+                f"warning: {row['model']} has RANDOM weights (no --weights): for pipeline tests only",
+                err=True,
+            )
+    typer.echo(comparison.markdown())
+    for name, uri in files.items():
+        typer.echo(f"{name + ':':16s} {uri}")
+
+
 models_app = typer.Typer(
     no_args_is_help=True, help="Public pathology foundation models: the presets, and checks of their weights."
 )
