@@ -187,3 +187,21 @@ def test_pathray_train_names_slides_without_embeddings_in_one_line_before_ray(co
     assert result.exit_code == 2
     assert "no embeddings under" in result.output and "slide_000, slide_001" in result.output
     assert "and 27 more (run `pathray embed`)" in result.output and "Traceback" not in result.output
+
+
+def test_relative_embedding_and_run_folders_are_made_absolute_for_the_workers(cohort, tmp_path, monkeypatch):
+    """Ray Train workers run in their own folder: a relative ``mil.embeddings`` (as a new user types
+    it) must reach them absolute, or they find nothing."""
+    from pathray.storage import StorageConfig
+    from pathray.training.config import RunSection
+    from pathray.training.mil import plan_mil
+
+    monkeypatch.chdir(cohort)
+    job = plan_mil(
+        mil_config(cohort).model_copy(update={"embeddings": "embeddings"}),
+        "manifest.parquet",
+        StorageConfig(),
+        RunSection(storage_path="runs"),
+    )
+    assert job.mil.embeddings == str(cohort / "embeddings") and job.run_dir.startswith(str(cohort / "runs"))
+    assert Path(job.embeddings_uri("slide_000")).is_file()

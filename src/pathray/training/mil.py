@@ -316,6 +316,7 @@ def plan_mil(mil: MILConfig, manifest: str | pd.DataFrame, storage: StorageConfi
     else:
         source, frame = "manifest", manifest
     name = run.name or f"mil-{mil.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    mil = mil.model_copy(update={"embeddings": absolute(mil.embeddings)})  # workers run elsewhere
     return mil_job(mil, frame, storage, join_uri(absolute(run.storage_path), name), source)
 
 
