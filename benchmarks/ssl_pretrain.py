@@ -92,13 +92,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the learner and optimizer of the project, time its steps; one row of results."""
     import numpy as np
     import torch
-    from torch import nn
 
     from pathray.models.foundation import random_init_expected
     from pathray.section import ROOT_SECTIONS, load_section
     from pathray.training.config import ProjectConfig
     from pathray.training.learners import DinoV2Learner, WorkerJob
-    from pathray.training.loop import build_optimizer, schedule_weight_decay
+    from pathray.training.loop import build_optimizer, optimizer_step
 
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu:
@@ -127,14 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = learner.loss(batch, progress)
         loss.backward()
-        learner.before_step(step)
-        if job.optim.clip_grad:
-            nn.utils.clip_grad_norm_(learner.trainable.parameters(), job.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        schedule_weight_decay(optimizer, job, (step + 1) / steps)
-        learner.after_step(progress)
+        optimizer_step(learner, optimizer, scheduler, job, step)  # the training loop's own
         losses.append(float(loss.detach()))  # a sync, as the loop's
         if args.gpu:
             torch.cuda.synchronize()

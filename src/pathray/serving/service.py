@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +19,17 @@ from pathray.serving.config import ServeAppConfig
 from pathray.serving.store import ResultStore
 
 log = logging.getLogger(__name__)
+
+
+async def run_all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the chunk jobs of one slide together; the first failure cancels the rest (its chunks
+    would be wasted work on the replicas)."""
+    jobs = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*jobs)
+    finally:
+        for job in jobs:
+            job.cancel()
 
 
 class AnalysisService:
@@ -169,12 +180,7 @@ class AnalysisService:
                 analysis.failed_tiles = len(stitcher.failed_tiles)
                 stitcher.check_failed(max_failed)  # undecodable tiles only add up: fail early
 
-        jobs = [asyncio.ensure_future(one(c)) for c in chunks]
-        try:
-            await asyncio.gather(*jobs)
-        finally:
-            for job in jobs:
-                job.cancel()
+        await run_all(one(c) for c in chunks)
         analysis.timings["predict_s"] = time.time() - t1
 
         t2 = time.time()
@@ -265,12 +271,7 @@ class AnalysisService:
                     f"{inference.max_failed_share:.0%}); first: {part['error']}"
                 )
 
-        jobs = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(starts)]
-        try:
-            await asyncio.gather(*jobs)
-        finally:
-            for job in jobs:
-                job.cancel()
+        await run_all(one(i, s) for i, s in enumerate(starts))
         analysis.timings["embed_s"] = time.time() - t1
 
         t2 = time.time()
