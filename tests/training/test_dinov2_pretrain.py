@@ -95,6 +95,16 @@ def test_the_teacher_is_exported_as_an_embedding_package_that_embeds(dinov2_run)
     with torch.no_grad():
         embeddings = task.predict(model(tiles))
     assert embeddings.shape == (3, model.engine.embed_dim) and embeddings.dtype == "float32"
+    # what `pathray embed --model <run>/model` loads: the same embeddings, its 64 px tiles
+    from pathray.inference.embedder import load_embedder
+
+    embedder = load_embedder(result.paths["model"], device="cpu")
+    assert (embedder.tile_size, embedder.mpp) == (64, 1.0) and not embedder.source.random_init
+    import numpy as np
+
+    np.testing.assert_allclose(
+        embedder.embed(tiles.numpy()).astype("float32"), embeddings, rtol=1e-2, atol=1e-2
+    )
     # the package holds the teacher's backbone, not the student's
     saved = load_checkpoint(result.checkpoint)
     key = "blocks.0.attn.qkv.weight"
