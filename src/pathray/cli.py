@@ -633,6 +633,13 @@ def embed_cmd(
         float | None, typer.Option(help="GPUs of each model actor (default: 1 if the cluster has GPUs)")
     ] = None,
     readers: Annotated[int | None, typer.Option(help="CPU reader actors (default: the CPUs left)")] = None,
+    decode: Annotated[
+        str,
+        typer.Option(
+            help="cpu: reader actors decode tiles; device: model actors fetch compressed tiles and "
+            "decode them where the model runs (nvJPEG on a GPU); auto: device on GPUs"
+        ),
+    ] = "auto",
     slide_mpp: Annotated[
         float | None, typer.Option(help="level-0 µm/px of a slide without one (a manifest: its mpp column)")
     ] = None,
@@ -680,6 +687,7 @@ def embed_cmd(
             actors=actors,
             gpus_per_actor=gpus_per_actor,
             readers=readers,
+            decode=decode,
             model_kwargs=kwargs or None,
             progress=progress,
         )

@@ -108,6 +108,30 @@ def test_a_second_run_skips_every_done_slide_and_touches_no_file(first_run, coho
     assert state() == before
 
 
+def test_tiles_decoded_where_the_model_runs_give_the_same_file(first_run, cohort, s3_storage, tmp_path):
+    """``decode="device"`` (what a GPU actor does with nvJPEG, here on the CPU): no reader actors, the
+    model actor fetches the compressed tiles and decodes them itself; the rows are the same and the
+    embeddings equal the reader actors' within float16 rounding (the same JPEG decoder)."""
+    from pathray.inference.embeddings import read_slide_embeddings, slide_embeddings_uri
+    from pathray.serving.embed import embed_slides
+
+    _, out, _ = first_run
+    here = embed_slides(
+        cohort.iloc[:2], MODEL, str(tmp_path), tile_size=TILE, mpp=MPP, model_kwargs=KWARGS, decode="device"
+    )
+    assert here.extra["decode"] == "device" and list(here.slides["status"]) == ["written", "written"]
+    for slide_id in cohort["slide_id"][:2]:
+        a = read_slide_embeddings(slide_embeddings_uri(out, slide_id), s3_storage)
+        b = read_slide_embeddings(slide_embeddings_uri(str(tmp_path), slide_id))
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_allclose(
+            a.embeddings.astype(np.float32), b.embeddings.astype(np.float32), atol=2e-2
+        )
+    with pytest.raises(ValueError, match="decode must be"):
+        embed_slides(cohort.iloc[:1], MODEL, str(tmp_path / "x"), model_kwargs=KWARGS, decode="gpu")
+
+
 def test_another_models_folder_is_refused(first_run, cohort, s3_storage):
     from pathray.inference.embeddings import EmbeddingFileError
     from pathray.serving.embed import embed_slides

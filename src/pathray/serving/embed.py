@@ -109,6 +109,16 @@ def plan_tiles(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndar
     return {k: np.concatenate([p[k] for p in parts]) for k in TILE_COLUMNS}
 
 
+def slide_groups(batch: dict[str, np.ndarray]) -> dict[tuple[str, float | None], list[int]]:
+    """The rows of a batch that are tiles (not a slide's failure row), by (slide URI, slide mpp)."""
+    from pathray.datasets.manifest import manifest_mpp
+
+    groups: dict[tuple[str, float | None], list[int]] = defaultdict(list)
+    for i in np.flatnonzero(np.asarray(batch["index"]) >= 0):
+        groups[(str(batch["uri"][i]), manifest_mpp(batch["slide_mpp"][i]))].append(int(i))
+    return groups
+
+
 class TileReadActor:
     """Ray Data callable class (CPU): tile rows -> the same rows with their uint8 ``image``.
 
@@ -122,7 +132,6 @@ class TileReadActor:
         self.tile_size, self.tile_mpp = tile_size, tile_mpp
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pathray.datasets.manifest import manifest_mpp
         from pathray.inference.reader import read_tolerant
         from pathray.wsi.backends.open import open_slide
 
@@ -130,10 +139,7 @@ class TileReadActor:
         images = np.zeros((n, size, size, 3), np.uint8)
         ok = np.zeros(n, bool)
         error = np.array([str(e) for e in batch["error"]], dtype=object)
-        groups: dict[tuple[str, float | None], list[int]] = defaultdict(list)
-        for i in np.flatnonzero(np.asarray(batch["index"]) >= 0):
-            groups[(str(batch["uri"][i]), manifest_mpp(batch["slide_mpp"][i]))].append(int(i))
-        for (uri, slide_mpp), rows in groups.items():
+        for (uri, slide_mpp), rows in slide_groups(batch).items():
             coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in rows]
             try:
                 slide = open_slide(uri, self.storage, mpp=slide_mpp)
@@ -161,7 +167,13 @@ class EmbedActor:
     seconds it computed, spread over its rows: their sums say how much the model waited for tiles.
     """
 
-    def __init__(self, embedder: dict[str, Any], expected_sha256: str) -> None:
+    def __init__(
+        self,
+        embedder: dict[str, Any],
+        expected_sha256: str,
+        tile_size: int | None = None,
+        tile_mpp: float | None = None,
+    ) -> None:
         from pathray.inference.embedder import load_embedder
 
         args = dict(embedder)
@@ -173,23 +185,65 @@ class EmbedActor:
                 f"model {self.embedder.source.model!r} loaded with weights {found[:12]} on this worker, "
                 f"{expected_sha256[:12]} on the driver: give every node the same weights file"
             )
+        self.tile_size, self.tile_mpp, self.storage = tile_size, tile_mpp, args["storage"]
         self.last = time.perf_counter()
+
+    def _read_here(self, batch: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Rows without images: their compressed tiles fetched by byte ranges and decoded on this
+        actor's device (nvJPEG on a GPU), cropped and resampled there; ``(images NHWC, ok, error)``."""
+        import torch
+
+        from pathray.inference.reader import read_tolerant
+        from pathray.wsi.backends.compressed import CompressedTileReader
+        from pathray.wsi.backends.open import open_slide
+
+        assert self.tile_size is not None and self.tile_mpp is not None
+        n, size, device = len(batch["index"]), self.tile_size, self.embedder.device
+        images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=device)
+        ok = np.zeros(n, bool)
+        error = np.array([str(e) for e in batch["error"]], dtype=object)
+        for (uri, slide_mpp), rows in slide_groups(batch).items():
+            coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in rows]
+            try:
+                reader = CompressedTileReader.for_slide(open_slide(uri, self.storage, mpp=slide_mpp))
+                tiles, failed, singles = read_tolerant(
+                    lambda c, r=reader: r.read_batch(c, size, self.tile_mpp, device=device), coords
+                )
+            except Exception as exc:  # noqa: BLE001 - storage down or the slide gone: these tiles fail
+                error[rows] = _reason(exc)
+                continue
+            causes = dict(failed)
+            for k, i in enumerate(rows):
+                tile = tiles[k] if tiles is not None else singles[k]
+                if tile is None:
+                    error[i] = causes.get(k, "not read")
+                else:
+                    images[i], ok[i] = tile.permute(1, 2, 0), True
+        return images, ok, error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        ok = np.asarray(batch["ok"], bool)
+        read_s = 0.0
+        if "image" in batch:  # decoded by the CPU reader actors
+            images, ok, error = batch["image"], np.asarray(batch["ok"], bool), np.asarray(batch["error"])
+            chosen = np.ascontiguousarray(images[ok]) if ok.any() else None
+        else:  # compressed bytes fetched and decoded here: time the model waits for its tiles
+            images, ok, error = self._read_here(batch)
+            read_s = time.perf_counter() - start
+            chosen = images[np.flatnonzero(ok).tolist()] if ok.any() else None
         n = len(ok)
         out = np.zeros((n, self.embedder.embed_dim), np.float16)
-        if ok.any():
-            out[ok] = self.embedder.embed(np.ascontiguousarray(batch["image"][ok]), int(ok.sum()))
+        if chosen is not None:
+            out[ok] = self.embedder.embed(chosen, int(ok.sum()))
         end = time.perf_counter()
-        wait, self.last = start - self.last, end
+        wait, self.last = start - self.last + read_s, end
         return {
             **{k: np.asarray(batch[k]) for k in TILE_COLUMNS},
+            "error": error,
             "ok": ok,
             "embedding": out,
             "wait_s": np.full(n, wait / max(n, 1)),
-            "model_s": np.full(n, (end - start) / max(n, 1)),
+            "model_s": np.full(n, (end - start - read_s) / max(n, 1)),
         }
 
 
@@ -393,6 +447,7 @@ def embed_slides(
     cpus_per_actor: float = 1.0,
     model_kwargs: dict[str, Any] | None = None,
     max_failed_share: float = 0.05,
+    decode: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> EmbedReport:
     """Embed every tissue tile of ``slides`` with ``model``: one Parquet file per slide under ``out_uri``.
@@ -408,6 +463,10 @@ def embed_slides(
             (None: 1 when the cluster has GPUs, else 0). readers: CPU reader actors (None: the
             cluster's CPUs left over). read_batch: tiles per reader call.
         max_failed_share: a slide that loses more of its tiles than this fails (and is not written).
+        decode: ``cpu``: CPU reader actors decode the tiles and ship pixels to the model actors;
+            ``device``: the model actors fetch the tiles' compressed bytes (a few KB each) and
+            decode them where the model runs (nvJPEG on a GPU; levels it cannot serve through the
+            slide's own reader), so no pixels cross processes; ``auto``: ``device`` on GPUs.
         progress: ``progress(tiles_done, tiles_known)`` as embeddings arrive.
 
     Raises:
@@ -455,6 +514,9 @@ def embed_slides(
         float(ray.cluster_resources().get("CPU", 1)), n_actors, cpus_per_actor, readers
     )
     args["device"] = "cuda" if gpus_per_actor > 0 else "cpu"
+    if decode not in ("auto", "cpu", "device"):
+        raise ValueError(f"decode must be auto, cpu or device, not {decode!r}")
+    on_device = decode == "device" or (decode == "auto" and gpus_per_actor > 0)
     plan_kwargs = {
         "tile_size": tile,
         "tile_mpp": tile_mpp,
@@ -469,7 +531,12 @@ def embed_slides(
         .map_batches(plan_tiles, fn_kwargs=plan_kwargs, batch_size=1, num_cpus=1, batch_format="numpy")
         # a slide's grid in blocks of one read each: its reads spread over every reader actor
         .repartition(target_num_rows_per_block=read_batch)
-        .map_batches(
+    )
+    embed_kwargs: dict[str, Any] = {"embedder": args, "expected_sha256": source.weights_sha256}
+    if on_device:  # the model actors read their own tiles, compressed
+        embed_kwargs |= {"tile_size": tile, "tile_mpp": tile_mpp}
+    else:
+        ds = ds.map_batches(
             TileReadActor,
             fn_constructor_kwargs={"storage": storage.model_dump(), "tile_size": tile, "tile_mpp": tile_mpp},
             batch_size=read_batch,
@@ -477,15 +544,14 @@ def embed_slides(
             num_cpus=reader_cpus,
             batch_format="numpy",
         )
-        .map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"embedder": args, "expected_sha256": source.weights_sha256},
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_cpus=model_cpus,
-            num_gpus=gpus_per_actor,
-            batch_format="numpy",
-        )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs=embed_kwargs,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=model_cpus,
+        num_gpus=gpus_per_actor,
+        batch_format="numpy",
     )
     gather = _Gather(out_uri, source, storage, tile, tile_mpp, max_failed_share)
     start = time.perf_counter()
@@ -512,6 +578,7 @@ def embed_slides(
         "actors": n_actors,
         "model_cpus": model_cpus,
         "gpus_per_actor": gpus_per_actor,
+        "decode": "device" if on_device else "cpu",
     }
     if first is not None:
         report.extra["startup_s"] = first[0] - start
