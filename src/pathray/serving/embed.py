@@ -119,6 +119,36 @@ def slide_groups(batch: dict[str, np.ndarray]) -> dict[tuple[str, float | None],
     return groups
 
 
+def read_rows(
+    batch: dict[str, np.ndarray],
+    reader_for: Callable[[str, float | None], Callable[[list[tuple[int, int]]], Any]],
+    put: Callable[[int, Any], None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read the batch's tiles slide by slide: ``reader_for(uri, slide_mpp)`` gives a function of
+    coordinates -> tiles, each read tile goes to ``put(row, tile)``. A bad tile costs itself only
+    (``read_tolerant``); a slide that cannot be read fails its rows. Returns ``(ok, error)``."""
+    from pathray.inference.reader import read_tolerant
+
+    ok = np.zeros(len(batch["index"]), bool)
+    error = np.array([str(e) for e in batch["error"]], dtype=object)
+    for (uri, slide_mpp), rows in slide_groups(batch).items():
+        coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in rows]
+        try:
+            tiles, failed, singles = read_tolerant(reader_for(uri, slide_mpp), coords)
+        except Exception as exc:  # noqa: BLE001 - storage down or the slide gone: these tiles fail
+            error[rows] = _reason(exc)
+            continue
+        causes = dict(failed)
+        for k, i in enumerate(rows):
+            tile = tiles[k] if tiles is not None else singles[k]
+            if tile is None:
+                error[i] = causes.get(k, "not read")
+            else:
+                put(i, tile)
+                ok[i] = True
+    return ok, error
+
+
 class TileReadActor:
     """Ray Data callable class (CPU): tile rows -> the same rows with their uint8 ``image``.
 
@@ -132,30 +162,19 @@ class TileReadActor:
         self.tile_size, self.tile_mpp = tile_size, tile_mpp
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pathray.inference.reader import read_tolerant
         from pathray.wsi.backends.open import open_slide
 
-        n, size = len(batch["index"]), self.tile_size
-        images = np.zeros((n, size, size, 3), np.uint8)
-        ok = np.zeros(n, bool)
-        error = np.array([str(e) for e in batch["error"]], dtype=object)
-        for (uri, slide_mpp), rows in slide_groups(batch).items():
-            coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in rows]
-            try:
-                slide = open_slide(uri, self.storage, mpp=slide_mpp)
-                tiles, failed, singles = read_tolerant(
-                    lambda c, s=slide: s.read_batch(c, size, self.tile_mpp), coords
-                )
-            except Exception as exc:  # noqa: BLE001 - storage down or the slide gone: these tiles fail
-                error[rows] = _reason(exc)
-                continue
-            causes = dict(failed)
-            for k, i in enumerate(rows):
-                tile = tiles[k] if tiles is not None else singles[k]
-                if tile is None:
-                    error[i] = causes.get(k, "not read")
-                else:
-                    images[i], ok[i] = np.asarray(tile), True
+        size = self.tile_size
+        images = np.zeros((len(batch["index"]), size, size, 3), np.uint8)
+
+        def reader_for(uri: str, slide_mpp: float | None) -> Callable[[list[tuple[int, int]]], Any]:
+            slide = open_slide(uri, self.storage, mpp=slide_mpp)
+            return lambda coords: slide.read_batch(coords, size, self.tile_mpp)
+
+        def put(i: int, tile: Any) -> None:
+            images[i] = np.asarray(tile)
+
+        ok, error = read_rows(batch, reader_for, put)
         return {**{k: np.asarray(batch[k]) for k in TILE_COLUMNS}, "error": error, "image": images, "ok": ok}
 
 
@@ -193,32 +212,21 @@ class EmbedActor:
         actor's device (nvJPEG on a GPU), cropped and resampled there; ``(images NHWC, ok, error)``."""
         import torch
 
-        from pathray.inference.reader import read_tolerant
         from pathray.wsi.backends.compressed import CompressedTileReader
         from pathray.wsi.backends.open import open_slide
 
         assert self.tile_size is not None and self.tile_mpp is not None
-        n, size, device = len(batch["index"]), self.tile_size, self.embedder.device
-        images = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=device)
-        ok = np.zeros(n, bool)
-        error = np.array([str(e) for e in batch["error"]], dtype=object)
-        for (uri, slide_mpp), rows in slide_groups(batch).items():
-            coords = [(int(batch["x"][i]), int(batch["y"][i])) for i in rows]
-            try:
-                reader = CompressedTileReader.for_slide(open_slide(uri, self.storage, mpp=slide_mpp))
-                tiles, failed, singles = read_tolerant(
-                    lambda c, r=reader: r.read_batch(c, size, self.tile_mpp, device=device), coords
-                )
-            except Exception as exc:  # noqa: BLE001 - storage down or the slide gone: these tiles fail
-                error[rows] = _reason(exc)
-                continue
-            causes = dict(failed)
-            for k, i in enumerate(rows):
-                tile = tiles[k] if tiles is not None else singles[k]
-                if tile is None:
-                    error[i] = causes.get(k, "not read")
-                else:
-                    images[i], ok[i] = tile.permute(1, 2, 0), True
+        size, mpp, device = self.tile_size, self.tile_mpp, self.embedder.device
+        images = torch.zeros((len(batch["index"]), size, size, 3), dtype=torch.uint8, device=device)
+
+        def reader_for(uri: str, slide_mpp: float | None) -> Callable[[list[tuple[int, int]]], Any]:
+            tiles = CompressedTileReader.for_slide(open_slide(uri, self.storage, mpp=slide_mpp))
+            return lambda coords: tiles.read_batch(coords, size, mpp, device=device)
+
+        def put(i: int, tile: Any) -> None:
+            images[i] = tile.permute(1, 2, 0)  # (3, S, S) as decoded -> (S, S, 3) as the model takes
+
+        ok, error = read_rows(batch, reader_for, put)
         return images, ok, error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
