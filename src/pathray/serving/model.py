@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from pathray.lru import LruCache
 from pathray.serving.config import ServeAppConfig
 from pathray.serving.store import ModelStore
 
@@ -64,8 +64,7 @@ class ModelServer:
         section = config.serve.model
         torch.set_num_threads(section.torch_threads or max(1, int(section.num_cpus or 1)))
         self.store = ModelStore(config.serve.models, config.storage)
-        self._embedders: dict[str, Any] = {}  # model id -> TileEmbedder, least recently used first
-        self._embedders_lock = threading.Lock()
+        self._embedders: LruCache[str, Any] = LruCache(section.max_models_per_replica)  # id -> TileEmbedder
 
         async def load(model_id: str) -> Any:
             return await asyncio.to_thread(self._load, model_id)
@@ -131,18 +130,13 @@ class ModelServer:
         one ``pathray embed`` records), kept in a small LRU beside the predictors."""
         from pathray.inference.embedder import load_embedder
 
-        with self._embedders_lock:
-            if model_id in self._embedders:
-                self._embedders[model_id] = self._embedders.pop(model_id)  # most recently used last
-                return self._embedders[model_id]
-        device = self.config.inference.device
-        precision = self.config.inference.precision
-        embedder = load_embedder(self.store.uri_for(model_id), None, self.config.storage, device, precision)
-        with self._embedders_lock:
-            self._embedders[model_id] = embedder
-            while len(self._embedders) > self.config.serve.model.max_models_per_replica:
-                self._embedders.pop(next(iter(self._embedders)))
-        return embedder
+        inference = self.config.inference
+        return self._embedders.get_or_make(
+            model_id,
+            lambda: load_embedder(
+                self.store.uri_for(model_id), None, self.config.storage, inference.device, inference.precision
+            ),
+        )
 
     async def embed_tiles(
         self,
