@@ -26,6 +26,7 @@ from pathray.storage import (
     is_remote,
     join_uri,
     parse_uri,
+    stat,
 )
 from pathray.training.config import ProjectConfig
 from pathray.training.learners import WorkerJob
@@ -53,18 +54,22 @@ def checkpoint_uri(checkpoint: Any, storage_path: str) -> str:
     return path
 
 
-def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
-    """``state.json`` of the newest checkpoint in a run directory (local or object storage)."""
+def newest_checkpoint_file(run_dir: str, name: str, storage: StorageConfig | None = None) -> Location | None:
+    """File ``name`` of the newest ``checkpoint_*`` folder of a run directory (local or object
+    storage), or None when the run has none."""
     location = parse_uri(run_dir)
     try:
-        pattern = f"{location.path.rstrip('/')}/checkpoint_*/state.json"
+        pattern = f"{location.path.rstrip('/')}/checkpoint_*/{name}"
         found = sorted(call(location, storage, "glob", pattern))
     except ObjectNotFoundError:
-        return {}
-    if not found:
-        return {}
-    newest = Location(location.uri, location.protocol, found[-1])
-    return json.loads(call(newest, storage, "cat_file", newest.path))
+        return None
+    return Location(location.uri, location.protocol, found[-1]) if found else None
+
+
+def latest_state(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """``state.json`` of the newest checkpoint in a run directory (local or object storage)."""
+    newest = newest_checkpoint_file(run_dir, "state.json", storage)
+    return json.loads(call(newest, storage, "cat_file", newest.path)) if newest is not None else {}
 
 
 def init_checkpoint(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
@@ -81,16 +86,15 @@ def init_checkpoint(uri: str, storage: StorageConfig | None = None) -> dict[str,
 
     from pathray.training.evaluate import CHECKPOINT_FILE
 
-    location = parse_uri(uri)
-    base = location.path.rstrip("/")
-    try:
-        found = sorted(call(location, storage, "glob", f"{base}/checkpoint_*/{CHECKPOINT_FILE}"))
-        found = found or call(location, storage, "glob", f"{base}/{CHECKPOINT_FILE}")
-    except ObjectNotFoundError:
-        found = []
-    if not found:
-        raise FileNotFoundError(f"train.init_from: {uri} holds no run checkpoint ({CHECKPOINT_FILE})")
-    newest = Location(location.uri, location.protocol, found[-1])
+    newest = newest_checkpoint_file(uri, CHECKPOINT_FILE, storage)  # a run folder
+    if newest is None:  # or one checkpoint folder
+        newest = parse_uri(join_uri(uri, CHECKPOINT_FILE))
+        try:
+            stat(newest, storage)
+        except ObjectNotFoundError:
+            raise FileNotFoundError(
+                f"train.init_from: {uri} holds no run checkpoint ({CHECKPOINT_FILE})"
+            ) from None
     saved = torch.load(
         io.BytesIO(call(newest, storage, "cat_file", newest.path)), map_location="cpu", weights_only=True
     )
