@@ -103,6 +103,11 @@ class SlideAnalyzer:
         return {key: [r[key] for r in rows] for key in rows[0]}
 
 
+def slide_id_of(uri: str) -> str:
+    """A slide's id when the manifest names none: its file name without the extension (and query)."""
+    return Path(str(uri).split("?")[0]).stem
+
+
 def manifest_slides(manifest: str, storage: StorageConfig | None = None) -> pd.DataFrame:
     """``slide_id, uri, mpp`` of a manifest (Parquet/CSV); ``slide_id`` defaults to the file name's
     stem, ``mpp`` (the level-0 µm/px override of slides whose files have none) to NaN."""
@@ -112,7 +117,7 @@ def manifest_slides(manifest: str, storage: StorageConfig | None = None) -> pd.D
     if "uri" not in frame.columns:
         raise ManifestError(manifest, ["no 'uri' column"])
     if "slide_id" not in frame.columns:
-        frame["slide_id"] = [Path(str(u).split("?")[0]).stem for u in frame["uri"]]
+        frame["slide_id"] = [slide_id_of(u) for u in frame["uri"]]
     out = frame[["slide_id", "uri"]].astype(str).reset_index(drop=True)
     mpps = frame["mpp"] if "mpp" in frame.columns else [None] * len(frame)
     out["mpp"] = [manifest_mpp(m) or np.nan for m in mpps]

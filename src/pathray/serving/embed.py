@@ -21,7 +21,6 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -301,7 +300,7 @@ class EmbedReport:
 
 def input_slides(source: str | pd.DataFrame | Sequence[str], storage: StorageConfig | None) -> pd.DataFrame:
     """``slide_id, uri, mpp`` of a manifest (Parquet/CSV URI), a frame alike, or slide URIs."""
-    from pathray.serving.batch import manifest_slides
+    from pathray.serving.batch import manifest_slides, slide_id_of
 
     if isinstance(source, pd.DataFrame):
         frame = source.copy()
@@ -310,7 +309,7 @@ def input_slides(source: str | pd.DataFrame | Sequence[str], storage: StorageCon
     else:
         frame = pd.DataFrame({"uri": [source] if isinstance(source, str) else list(source)})
     if "slide_id" not in frame.columns:
-        frame["slide_id"] = [Path(str(u).split("?")[0]).stem for u in frame["uri"]]
+        frame["slide_id"] = [slide_id_of(u) for u in frame["uri"]]
     if "mpp" not in frame.columns:
         frame["mpp"] = np.nan
     out = frame[["slide_id", "uri"]].astype(str).reset_index(drop=True)

@@ -214,14 +214,14 @@ class AnalysisService:
         import numpy as np
 
         from pathray.inference.embeddings import EmbeddingSource, SlideEmbeddings, to_parquet
+        from pathray.serving.batch import slide_id_of
         from pathray.serving.embed import plan_slide_tiles
-        from pathray.storage import parse_uri
 
         if self.embed_tiles is None:
             raise RuntimeError("this service has no model deployment for embeddings")
         t0 = time.time()
         spec = await self.spec_of(analysis.model)
-        slide_id = parse_uri(analysis.uri).path.rsplit("/", 1)[-1].rsplit(".", 1)[0] or analysis.id
+        slide_id = slide_id_of(analysis.uri) or analysis.id
         inference = self.config.inference
         planned = await asyncio.to_thread(
             plan_slide_tiles,
