@@ -62,3 +62,54 @@ def test_multicrop_views():
     assert sorted(views) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
     assert views["global_0"].shape == (64, 64, 3) and views["local_2"].shape == (24, 24, 3)
     assert not np.array_equal(views["global_0"], views["global_1"])
+
+
+@pytest.fixture(scope="module")
+def stained(testdata) -> np.ndarray:
+    """Tiles cut from a real H&E slide (CMU-1-Small-Region), so stain jitter meets real stain."""
+    import tifffile
+
+    level = tifffile.imread(testdata / "aperio" / "CMU-1-Small-Region.svs", key=0)
+    return np.stack([level[300 + 150 * i :, 400 + 170 * i :][:96, :96] for i in range(8)])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AugmentConfig(),
+        AugmentConfig(hed_sigma=0.0),
+        AugmentConfig(brightness=0.0, contrast=0.0, hed_sigma=0.2),
+        AugmentConfig(flips=False, rot90=False, brightness=0.3, contrast=0.0),
+    ],
+    ids=["default", "no-hed", "hed-only", "brightness-only"],
+)
+def test_augment_on_the_device_equals_the_readers(config, stained):
+    """Drawn once on the reader, applied where the tile is decoded (torch): the same tile as numpy's."""
+    import torch
+
+    from pathray.datasets.augment import TileAugment, apply_augment, augment_tiles, draw_augment
+
+    tiles = stained
+    rng = np.random.default_rng(3)
+    draws = [draw_augment(config, rng, tiles.shape[1]) for _ in tiles]
+    assert len({(d.spatial.flip_x, d.spatial.flip_y, d.spatial.turns) for d in draws}) > (
+        2 if config.flips else 0
+    )
+    vectors = np.stack([d.vector() for d in draws])
+    assert all(np.array_equal(TileAugment.from_vector(v, tiles.shape[1]).vector(), v) for v in vectors)
+    want = np.stack([apply_augment(t, d) for t, d in zip(tiles, draws, strict=True)])
+    got = augment_tiles(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous(), vectors).permute(0, 2, 3, 1)
+    diff = np.abs(got.numpy().astype(int) - want.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert (want != tiles).any()  # something was augmented
+
+
+def test_augment_draws_as_before(stained):
+    """``augment`` is ``draw_augment`` then ``apply_augment``: the stream cuts the tiles it cut before."""
+    from pathray.datasets.augment import apply_augment, draw_augment
+
+    tile = stained[0]
+    config = AugmentConfig(hed_sigma=0.1, brightness=0.2, contrast=0.2)
+    image, spatial = augment(tile, config, np.random.default_rng(11))
+    draw = draw_augment(config, np.random.default_rng(11), tile.shape[0])
+    assert draw.spatial == spatial and np.array_equal(apply_augment(tile, draw), image)

@@ -257,6 +257,47 @@ def test_levels_without_raw_tiles_are_read_by_the_slide(testdata):
     assert all(np.array_equal(g, w) for g, w in zip(got, slide.read_batch(coords, 128, 0.5), strict=True))
 
 
+def packed_equal_read_batch(
+    reader, coords, size, mpp, max_abs: int = 0, mean_abs: float = 0.0
+) -> list[bytes]:
+    blobs = reader.packed_regions(coords, size, mpp)
+    got = tiledecode.decode_regions(blobs).permute(0, 2, 3, 1).numpy()
+    want = reader.read_batch(coords, size, mpp).permute(0, 2, 3, 1).numpy()
+    assert got.shape == want.shape
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, max_abs, mean_abs)
+    return blobs
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.2])
+def test_packed_regions_decode_to_read_batch(synthetic, cmu, jpeg_tiff, mpp):
+    """What a reader hands a GPU worker (tiles as stored, box, size) decodes to ``read_batch``'s pixels."""
+    coords = [(37 + 211 * i, 1700 - 173 * i) for i in range(6)] + [(1950, 1950)]
+    for slide in (open_slide(synthetic, cache=False), cmu, open_slide(jpeg_tiff, mpp=0.25, cache=False)):
+        reader = CompressedTileReader.for_slide(slide)
+        blobs = packed_equal_read_batch(reader, coords, 224, mpp)
+        tiles = [t for b in blobs for t in tiledecode.unpack_region(b).tiles]
+        assert tiles and all(t.gpu_decodable for t in tiles)  # standalone JPEG streams, tables spliced in
+        # the bytes are the tiles as stored (made standalone): a few KB, not the pixels
+        assert sum(len(b) for b in blobs) < 0.25 * len(coords) * 224 * 224 * 3
+
+
+def test_packed_regions_of_a_level_without_raw_tiles_carry_its_pixels(testdata):
+    slide = open_slide(testdata / "plain-tiff" / "kidney-48-5.tif", mpp=0.5, cache=False)  # stripped
+    reader = CompressedTileReader(slide)
+    blobs = packed_equal_read_batch(reader, [(10, 20), (600, 300)], 128, 0.5)
+    assert tiledecode.unpack_region(blobs[0]).tiles[0].codec.name == "raw"
+
+
+def test_bytes_that_are_not_a_packed_region_are_refused(synthetic):
+    blob = CompressedTileReader.for_slide(open_slide(synthetic, cache=False)).packed_regions(
+        [(0, 0)], 64, 0.5
+    )[0]
+    for bad in (b"", b"JUNKJUNKJUNK", blob[:40], blob[:-10]):
+        with pytest.raises(tiledecode.TileDecodeError):
+            tiledecode.decode_regions([bad])
+
+
 # -- decoding machinery ------------------------------------------------------------------------
 
 

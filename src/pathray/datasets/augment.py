@@ -9,7 +9,8 @@ stream augments the same way.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -118,18 +119,44 @@ class AugmentConfig(Section):
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)  # optical density per grey level
 
 
+def hed_draw(sigma: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The stain jitter's scale (alpha) and shift (beta) of the H, E and DAB channels."""
+    alpha = rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32)
+    beta = rng.uniform(-sigma, sigma, 3).astype(np.float32)
+    return alpha, beta
+
+
+def hed_transform(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and shift in stain space, folded into one 3x3 map and an offset in optical density."""
+    transform = (_RGB_FROM_HED * alpha[None, :]) @ _HED_FROM_RGB_INV
+    return transform, beta @ _HED_FROM_RGB_INV
+
+
+def hed_apply(image: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    transform, offset = hed_transform(alpha, beta)
+    od = _OD_LUT[image].reshape(-1, 3)
+    out = np.exp(-(od @ transform + offset)) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8).reshape(image.shape)
+
+
 def hed_jitter(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Perturb haematoxylin, eosin and DAB concentrations: the colour variation between labs."""
     if sigma <= 0:
         return image
-    od = _OD_LUT[image].reshape(-1, 3)
-    alpha = rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32)
-    beta = rng.uniform(-sigma, sigma, 3).astype(np.float32)
-    # scale and shift in stain space, folded into one 3x3 map and an offset in OD space
-    transform = (_RGB_FROM_HED * alpha[None, :]) @ _HED_FROM_RGB_INV
-    offset = beta @ _HED_FROM_RGB_INV
-    out = np.exp(-(od @ transform + offset)) * 255.0
-    return np.clip(out, 0, 255).astype(np.uint8).reshape(image.shape)
+    return hed_apply(image, *hed_draw(sigma, rng))
+
+
+def bc_draw(brightness: float, contrast: float, rng: np.random.Generator) -> tuple[float, float]:
+    """A contrast factor and an added brightness (grey levels), in that order of draws."""
+    c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
+    b = rng.uniform(-brightness, brightness) * 255.0 if brightness > 0 else 0.0
+    return float(np.float32(c)), float(np.float32(b))
+
+
+def bc_apply(image: np.ndarray, c: float, b: float) -> np.ndarray:
+    arr = image.astype(np.float32)
+    mean = arr.mean()
+    return np.clip((arr - mean) * np.float32(c) + mean + np.float32(b), 0, 255).astype(np.uint8)
 
 
 def brightness_contrast(
@@ -137,24 +164,105 @@ def brightness_contrast(
 ) -> np.ndarray:
     if brightness <= 0 and contrast <= 0:
         return image
-    arr = image.astype(np.float32)
-    c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
-    b = rng.uniform(-brightness, brightness) * 255.0 if brightness > 0 else 0.0
-    mean = arr.mean()
-    return np.clip((arr - mean) * c + mean + b, 0, 255).astype(np.uint8)
+    return bc_apply(image, *bc_draw(brightness, contrast, rng))
+
+
+AUGMENT_FIELDS = 13  # flip_x, flip_y, turns, hed on, alpha (3), beta (3), bc on, contrast, brightness
+
+
+@dataclass(frozen=True)
+class TileAugment:
+    """What ``augment`` does to one tile, drawn once: applied here (numpy) or on the device that
+    decodes the tile (``augment_tiles``), with the same numbers either way."""
+
+    spatial: Spatial
+    hed: tuple[np.ndarray, np.ndarray] | None = None
+    bc: tuple[float, float] | None = None
+
+    def vector(self) -> np.ndarray:
+        """The draw as ``AUGMENT_FIELDS`` float32 values (a column of the training stream)."""
+        sp = self.spatial
+        alpha, beta = self.hed if self.hed is not None else (np.ones(3), np.zeros(3))
+        c, b = self.bc if self.bc is not None else (1.0, 0.0)
+        head = [sp.flip_x, sp.flip_y, sp.turns, self.hed is not None]
+        return np.asarray([*head, *alpha, *beta, self.bc is not None, c, b], np.float32)
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray, size: int) -> TileAugment:
+        v = np.asarray(v, np.float32)
+        spatial = Spatial(size, bool(v[0]), bool(v[1]), int(v[2]))
+        hed = (v[4:7].copy(), v[7:10].copy()) if v[3] else None
+        return cls(spatial, hed, (float(v[11]), float(v[12])) if v[10] else None)
+
+
+def draw_augment(
+    config: AugmentConfig, rng: np.random.Generator, size: int, square: bool = True
+) -> TileAugment:
+    """``augment``'s draws for a ``size`` px tile (its turns only when ``square``)."""
+    flip_x = bool(config.flips and rng.random() < 0.5)
+    flip_y = bool(config.flips and rng.random() < 0.5)
+    turns = int(rng.integers(0, 4)) if config.rot90 and square else 0
+    hed = hed_draw(config.hed_sigma, rng) if config.hed_sigma > 0 else None
+    bc = None
+    if config.brightness > 0 or config.contrast > 0:
+        bc = bc_draw(config.brightness, config.contrast, rng)
+    return TileAugment(Spatial(size, flip_x, flip_y, turns), hed, bc)
+
+
+def apply_augment(image: np.ndarray, draw: TileAugment) -> np.ndarray:
+    image = draw.spatial.pixels(image)
+    if draw.hed is not None:
+        image = hed_apply(image, *draw.hed)
+    if draw.bc is not None:
+        image = bc_apply(image, *draw.bc)
+    return image
 
 
 def augment(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, Spatial]:
     """One augmented tile and the flips and turns it got (targets follow them: ``TaskSpec.follow``)."""
-    size = image.shape[0]
-    flip_x = bool(config.flips and rng.random() < 0.5)
-    flip_y = bool(config.flips and rng.random() < 0.5)
-    turns = int(rng.integers(0, 4)) if config.rot90 and image.shape[0] == image.shape[1] else 0
-    spatial = Spatial(size, flip_x, flip_y, turns)
-    image = spatial.pixels(image)
-    image = hed_jitter(image, config.hed_sigma, rng)
-    image = brightness_contrast(image, config.brightness, config.contrast, rng)
-    return image, spatial
+    draw = draw_augment(config, rng, image.shape[0], image.shape[0] == image.shape[1])
+    return apply_augment(image, draw), draw.spatial
+
+
+def augment_tiles(images: Any, vectors: Any) -> Any:
+    """``apply_augment`` for a batch where it lies (a GPU): ``(N, 3, H, W)`` uint8 and ``(N, 13)`` draws.
+
+    The same arithmetic in float32 as the numpy path; a value may differ by one grey level where
+    the two round a product differently.
+    """
+    import torch
+
+    if not len(images):
+        return images
+    device = images.device
+    draws = [TileAugment.from_vector(v, int(images.shape[-1])) for v in np.asarray(vectors, np.float32)]
+    out = []
+    for image, draw in zip(images, draws, strict=True):
+        sp = draw.spatial
+        if sp.flip_x:
+            image = image.flip(-1)
+        if sp.flip_y:
+            image = image.flip(-2)
+        if sp.turns:
+            image = torch.rot90(image, sp.turns, dims=(-2, -1))
+        out.append(image)
+    batch = torch.stack(out)
+    hed = [i for i, d in enumerate(draws) if d.hed is not None]
+    if hed:
+        maps = [hed_transform(*draws[i].hed) for i in hed]  # type: ignore[misc]
+        transform = torch.from_numpy(np.stack([m for m, _ in maps])).to(device)
+        offset = torch.from_numpy(np.stack([o for _, o in maps])).to(device)
+        od = torch.from_numpy(_OD_LUT).to(device)[batch[hed].long()]
+        mixed = torch.einsum("nchw,ncd->ndhw", od, transform) + offset[:, :, None, None]
+        batch[hed] = (torch.exp(-mixed) * 255.0).clamp_(0, 255).to(torch.uint8)
+    bc = [i for i, d in enumerate(draws) if d.bc is not None]
+    if bc:
+        factors = torch.tensor([draws[i].bc for i in bc], dtype=torch.float32, device=device)  # type: ignore[misc]
+        arr = batch[bc].float()
+        mean = arr.mean(dim=(1, 2, 3), keepdim=True)
+        c, b = factors[:, 0, None, None, None], factors[:, 1, None, None, None]
+        batch[bc] = ((arr - mean) * c + mean + b).clamp_(0, 255).to(torch.uint8)
+    return batch
 
 
 def random_resized_crop(

@@ -454,3 +454,125 @@ def assemble(
             src = image[:, y0 - tile.y : y1 - tile.y, x0 - tile.x : x1 - tile.x]
             out[:, y0 - y : y1 - y, x0 - x : x1 - x] = src
     return out if out_size is None else resample(out, out_size)
+
+
+# -- regions packed as bytes: what a CPU reader hands a GPU worker ---------------------------------
+
+PACKED_MAGIC = b"PRT1"
+
+
+@dataclass(frozen=True)
+class PackedRegion:
+    """One region to cut on the device: its tiles as stored, the box in level pixels and the size
+    it is resampled to (None: the box's own)."""
+
+    tiles: tuple[CompressedTile, ...]
+    box: tuple[int, int, int, int]
+    out_size: tuple[int, int] | None = None
+
+
+def pack_region(region: PackedRegion) -> bytes:
+    """``region`` as bytes: ``PRT1``, a 4-byte header length, a JSON header, then the tiles' data.
+
+    Plain data only (no pickle): a row of the training stream carries it from a reader process
+    to the worker that decodes it. Every tile of a region shares one codec (one level's).
+    """
+    import json
+
+    codecs = {t.codec for t in region.tiles}
+    if len(codecs) > 1:
+        raise ValueError("a packed region's tiles come from one level and share its codec")
+    codec = next(iter(codecs)) if codecs else None
+    tables = (codec.jpegtables or b"") if codec is not None else b""
+    header = {
+        "box": list(region.box),
+        "out": list(region.out_size) if region.out_size else None,
+        "codec": None
+        if codec is None
+        else {
+            "compression": codec.compression,
+            "photometric": codec.photometric,
+            "samples": codec.samples,
+            "predictor": codec.predictor,
+            "tile_w": codec.tile_w,
+            "tile_h": codec.tile_h,
+            "jfif": codec.jfif,
+            "extrasamples": list(codec.extrasamples),
+            "tables": len(tables),
+        },
+        "tiles": [
+            [t.level, t.index, t.col, t.row, t.x, t.y, t.width, t.height, len(t.data)] for t in region.tiles
+        ],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    size = len(head).to_bytes(4, "little")
+    return b"".join([PACKED_MAGIC, size, head, tables, *(t.data for t in region.tiles)])
+
+
+def unpack_region(blob: bytes) -> PackedRegion:
+    """The region ``pack_region`` packed; TileDecodeError for bytes that are not one."""
+    import json
+
+    view = memoryview(blob)
+    if bytes(view[:4]) != PACKED_MAGIC or len(view) < 8:
+        raise TileDecodeError("not a packed region (no PRT1 header)")
+    n = int.from_bytes(view[4:8], "little")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]))
+        pos = 8 + n
+        spec = header["codec"]
+        codec = None
+        if spec is not None:
+            tables = bytes(view[pos : pos + spec["tables"]]) or None
+            pos += spec["tables"]
+            codec = TileCodec(
+                compression=int(spec["compression"]),
+                photometric=int(spec["photometric"]),
+                samples=int(spec["samples"]),
+                predictor=int(spec["predictor"]),
+                tile_w=int(spec["tile_w"]),
+                tile_h=int(spec["tile_h"]),
+                jpegtables=tables,
+                jfif=bool(spec["jfif"]),
+                extrasamples=tuple(int(e) for e in spec["extrasamples"]),
+            )
+        tiles = []
+        for level, index, col, row, x, y, width, height, size in header["tiles"]:
+            if codec is None or pos + size > len(view):
+                raise ValueError("the tiles' data is shorter than the header says")
+            data = bytes(view[pos : pos + size])
+            pos += size
+            tiles.append(CompressedTile(level, index, col, row, x, y, width, height, codec, data))
+        box = tuple(int(v) for v in header["box"])
+        out = tuple(int(v) for v in header["out"]) if header["out"] else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TileDecodeError(f"a packed region does not read: {exc}") from None
+    return PackedRegion(tuple(tiles), box, out)  # type: ignore[arg-type]
+
+
+def decode_regions(blobs: Sequence[bytes], device: Any = "cpu", workers: int = 0) -> Any:
+    """Packed regions -> one ``(N, 3, h, w)`` uint8 tensor on ``device``.
+
+    Every region's tiles are decoded in one ``decode_tiles`` call (one nvJPEG batch on ``cuda``),
+    then cut and resampled there. The regions must come out the same size (one stream's tiles).
+    """
+    import torch
+
+    regions = [unpack_region(b) for b in blobs]
+    tiles = [t for r in regions for t in r.tiles]
+    images = decode_tiles(tiles, device=device, workers=workers)
+    out, k = [], 0
+    for region in regions:
+        n = len(region.tiles)
+        if n:
+            out.append(assemble(region.tiles, images[k : k + n], region.box, region.out_size))
+        else:
+            w, h = region.out_size or region.box[2:]
+            out.append(torch.full((3, h, w), FILL, dtype=torch.uint8, device=torch.device(device)))
+        k += n
+    if not out:
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8, device=torch.device(device))
+    sizes = {tuple(o.shape) for o in out}
+    if len(sizes) > 1:
+        raise TileDecodeError(f"packed regions of different sizes in one batch: {sorted(sizes)}")
+    return torch.stack(out)

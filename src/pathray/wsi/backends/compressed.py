@@ -29,10 +29,13 @@ from pathray.wsi.backends.slide import Size, Slide, as_size
 from pathray.wsi.tiledecode import (
     FILL,
     CompressedTile,
+    PackedRegion,
+    TileCodec,
     TileDecodeError,
     TileLayout,
     assemble,
     decode_tiles,
+    pack_region,
     read_tiles,
 )
 
@@ -141,24 +144,63 @@ class CompressedTileReader:
         ``cuda``), then cropped and resampled on the device (antialiased bilinear, as the slide's
         reader resizes). A level without raw tiles is read by the slide's reader instead.
         """
+        w, h = as_size(size)
+        plan = self._plan(coords, (w, h), mpp)
+        if plan is None:
+            return self._fallback(coords, (w, h), mpp, device)
+        level, boxes, out_size = plan
+        import torch
+
+        regions = self._regions(level, boxes, out_size, device, workers)
+        if not regions:
+            return torch.empty((0, 3, h, w), dtype=torch.uint8, device=device)
+        return torch.stack(regions)
+
+    def packed_regions(self, coords: Sequence[tuple[int, int]], size: Size, mpp: float) -> list[bytes]:
+        """The regions ``read_batch`` would cut, undecoded: each its tiles as stored and its box,
+        packed as bytes (``tiledecode.pack_region``) for ``decode_regions`` where they are used.
+
+        A level without raw tiles is read and decoded here, and each region travels as one
+        uncompressed tile of its pixels, so the receiver has one path for both.
+        """
+        w, h = as_size(size)
+        plan = self._plan(coords, (w, h), mpp)
+        if plan is None:
+            slide = self._slide()
+            if slide is None:
+                raise SlideReadError(self.uri, "the slide was closed")
+            codec = TileCodec(compression=1, photometric=2, samples=3, predictor=1, tile_w=w, tile_h=h)
+            pixels = [
+                CompressedTile(0, 0, 0, 0, 0, 0, w, h, codec, a.tobytes())
+                for a in slide.read_batch(coords, (w, h), mpp)
+            ]
+            return [pack_region(PackedRegion((tile,), (0, 0, w, h))) for tile in pixels]
+        level, boxes, out_size = plan
+        layout = self.layout(level)
+        wanted = [i for box in boxes for i in layout.indices_for(*box)]
+        tiles = {t.index: t for t in self.compressed_tiles(level, wanted)}
+        return [
+            pack_region(PackedRegion(tuple(tiles[i] for i in layout.indices_for(*box)), box, out_size))
+            for box in boxes
+        ]
+
+    def _plan(
+        self, coords: Sequence[tuple[int, int]], size: tuple[int, int], mpp: float
+    ) -> tuple[int, list[tuple[int, int, int, int]], tuple[int, int] | None] | None:
+        """The level, the boxes in its pixels and the size they are resampled to (None: kept) for
+        ``size`` px regions at ``mpp``; None when that level has no raw tiles to serve."""
         if self._mpps is None:
             raise SlideReadError(self.uri, "the slide has no usable mpp; pass mpp= to open_slide")
         choice = select_level(self._mpps, mpp)
-        w, h = as_size(size)
         if not self.servable(choice.level):
-            return self._fallback(coords, (w, h), mpp, device)
+            return None
+        w, h = size
         ds = self._downsamples[choice.level]
         lw, lh = (w, h)
         if choice.resample:
             lw, lh = max(1, round(w * choice.scale)), max(1, round(h * choice.scale))
         boxes = [(int(math.floor(x / ds)), int(math.floor(y / ds)), lw, lh) for x, y in coords]
-        out_size = (w, h) if choice.resample else None
-        import torch
-
-        regions = self._regions(choice.level, boxes, out_size, device, workers)
-        if not regions:
-            return torch.empty((0, 3, h, w), dtype=torch.uint8, device=device)
-        return torch.stack(regions)
+        return choice.level, boxes, ((w, h) if choice.resample else None)
 
     def _regions(
         self,
