@@ -6,7 +6,8 @@
 #   analysis_vit_s16, analysis_vit_l16  whole-slide analysis against the model alone, bf16, 224 px
 #                                       at 0.5 µm/px (benchmarks/wsi_inference.py): analysis_vs_model
 #   train_wait                          the training feed's data wait, ViT-S/16 on DINO crops and the
-#                                       ResNet-50 U-Net, producer processes (train.py): train_data_wait
+#                                       ResNet-50 U-Net, producer processes (train.py): train_data_wait;
+#                                       the U-Net's tiles arrive packed and are decoded on the device
 #   embed                               embedding tiles cut by producer processes against the model
 #                                       alone (embed_model.py): embed_vs_model
 #   cnn_vs_foundation                   inference time, ResNet-50 U-Net over ViT-S/16 (train.py)
@@ -149,7 +150,7 @@ else  # the same checks, tiny: 1-block ViTs, 32-64 px tiles, 1024 px slides, a f
   WSI+=(--device cpu --size 1024 --depth 1 --tile 64@0.5 --batch-size 16 --repeat 1)
   SMALL=(--size 32 --depth 1 --slides 2 --slide-size 1024 --producers 1)
   TRAIN_WAIT=(--device cpu --no-ray --engines dinov2 cnn "${SMALL[@]}" --local-size 16 --out-dim 256)
-  TRAIN_WAIT+=(--batch 2 --warmup 1 --steps 3 --iters 1 --infer-warmup 0)
+  TRAIN_WAIT+=(--batch 2 --warmup 1 --steps 3 --iters 1 --infer-warmup 0 --decode device)
   EMBED+=(--device cpu "${SMALL[@]}" --batch 4 --batches 8)
   INFER=(--device cpu --engines foundation cnn --size 32 --depth 1 --batch 2 --steps 0 --iters 2 --infer-warmup 1)
   DECODE=(--size 1024 --tiles 32 --batch 16)

@@ -106,6 +106,9 @@ def engine_config(engine: str, model: str | None, size: int, batch: int, args: a
         if not path.exists():  # e.g. debug engines: the foundation project with the engine swapped
             path = CONFIGS / "gleason-foundation.yaml"
             overrides.append("engine.model=null")
+    if engine not in PROJECTS:  # one image a tile: packed tiles decoded on the device when asked
+        decode = args.decode if args.decode != "auto" else ("device" if args.device_type == "cuda" else "cpu")
+        overrides.append(f"data.stream.decode={decode}")
     if model:
         overrides.append(f"engine.model={model}")
     if args.depth and engine != "cnn":
@@ -244,6 +247,7 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
     use_ray = not gpu and args.ray
     producers = args.producers or max(1, (os.cpu_count() or 2) - 2)
     built = []
+    args.device_type = device.type
     for engine, model in zip(args.engines, args.models, strict=True):
         cfg = engine_config(engine, model, args.size, batch, args)
         # one epoch of the stream covers the run (Ray's local shuffle buffer fills first); else it goes on
@@ -278,6 +282,7 @@ def bench_device(name: str, args: argparse.Namespace, manifest: Any, n_slides: i
 
             feed = ProcessFeed(manifest, cfg, batch, producers, device, timeout=args.data_timeout)
             row.feed = f"{producers}_process{'es' if producers > 1 else ''}"
+        row.feed += "+device_decode" if cfg.data.stream.decode == "device" else ""
         try:
             wall, wait = time_training(learner, cfg, feed, device, warmup, steps)
         finally:
@@ -333,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument(
         "--producers", type=int, default=0, help="Ray-free feed: producers (0: all CPUs but two)"
+    )
+    parser.add_argument(
+        "--decode",
+        choices=["auto", "cpu", "device"],
+        default="auto",
+        help="supervised projects: where tiles are decoded (data.stream.decode; auto: device on a GPU)",
     )
     parser.add_argument("--data-timeout", type=float, default=300.0, help="longest wait for one batch, s")
     parser.add_argument("--slides", type=int, default=4)

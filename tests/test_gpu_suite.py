@@ -80,4 +80,7 @@ def test_cpu_run_prints_every_required_figure(tmp_path: Path) -> None:
     for line in ("analysis_vs_model=", "train_data_wait=", "embed_vs_model=", "cnn_vs_foundation_infer="):
         assert re.search(rf"(^| ){line}\d", logs, flags=re.MULTILINE), line
     assert "ray_imported=YES" not in logs and "ray imported: YES" not in logs
+    # the U-Net's feed took the packed-tile path (decoded where the model runs), DINO's did not
+    assert re.search(r"engine=cnn .*feed=1_process\+device_decode ", logs), logs
+    assert re.search(r"engine=dinov2 .*feed=1_process ", logs), logs
     assert (results.read_text() if results.exists() else None) == before  # only GPU runs are recorded

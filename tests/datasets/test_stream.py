@@ -275,3 +275,55 @@ def test_a_stream_of_unreadable_slides_ends_empty_and_names_them(ray_local, test
     rows = stream(frame, faults=faults, sampler={"kind": "random_tissue", "tiles_per_slide": TILES})
     assert rows == []
     assert set(faults.summary()["failed_slides"]) == {str(testdata / b) for b in broken}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_packed_tiles_decoded_where_the_model_runs_equal_the_readers_pixels(
+    ray_local, manifest, slides, object_store, s3_storage, where
+):
+    """``decode: device``: readers ship compressed tiles and augmentation draws; the collate step
+    decodes, cuts, resamples and augments them (here on CPU, on a GPU worker there) into the
+    tiles and targets the readers' own pixels give (decoder and resampler tolerance: within 3
+    grey levels, 0.3 on average; the targets exactly)."""
+    import torch
+
+    from pathray.datasets.stream import collate_tiles
+
+    frame, storage = manifest, None
+    if where == "s3":
+        for s in slides:
+            for path in (s.path, s.annotations_path):
+                object_store.upload_file(path, object_store.url_for(f"packed/{path.name}"))
+        frame = synthetic_manifest(slides, uri_prefix=f"s3://{object_store.bucket}/packed").assign(
+            split="train"
+        )
+        storage = s3_storage
+    settings = {"augmentation": True, "augment": {"hed_sigma": 0.05, "brightness": 0.1, "contrast": 0.1}}
+    settings["sampler"] = {
+        "kind": "class_balanced",
+        "tiles_per_slide": TILES,
+        "mpps": [0.5, 0.7],
+    }  # 0.7: resampled
+    cpu = stream(frame, storage, decode="cpu", **settings)
+    packed = stream(frame, storage, decode="device", **settings)
+    assert "image" not in packed[0]  # the tiles' bytes as stored: well under their pixels
+    assert sum(len(r["packed"]) for r in packed) < 0.5 * sum(r["image"].nbytes for r in cpu)
+    assert [(r["slide_id"], r["x"], r["y"]) for r in packed] == [(r["slide_id"], r["x"], r["y"]) for r in cpu]
+    batch = {
+        k: np.stack([r[k] for r in packed]) if k != "packed" else np.asarray([r[k] for r in packed], object)
+        for k in packed[0]
+    }
+    got = collate_tiles(batch)
+    assert isinstance(got["image"], torch.Tensor) and tuple(got["image"].shape) == (len(cpu), 224, 224, 3)
+    want = np.stack([r["image"] for r in cpu])
+    diff = np.abs(got["image"].numpy().astype(int) - want.astype(int))
+    assert diff.max() <= 3 and diff.mean() <= 0.3, (diff.max(), diff.mean())
+    assert np.array_equal(got["target"].numpy(), np.stack([r["target"] for r in cpu]))
+    assert len({tuple(v[:3]) for v in batch["augment"]}) > 3  # flips and turns drawn, targets moved with them
+
+
+def test_packed_tiles_refuse_what_needs_pixels_on_the_reader(ray_local, manifest):
+    with pytest.raises(ValueError, match="hsv_filter"):
+        StreamConfig(decode="device", augment={"hsv_filter": True})
+    with pytest.raises(ValueError, match="multi-crop views"):
+        stream(manifest, decode="device", task={"name": "ssl"})

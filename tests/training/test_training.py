@@ -125,6 +125,9 @@ def test_the_other_project_configs_train_a_few_steps(ray_local, project, tmp_pat
 
     extra = ["data.stream.augment.global_size=64", "data.stream.augment.local_size=32"]
     extra += ["data.stream.sampler.size=64", "task.out_dim=256"] if "dino" in config else []
+    # the detection run takes the packed-tile feed (what GPU workers get): the worker's collate step
+    # decodes, cuts and augments; the points follow the flips the reader drew
+    extra += ["data.stream.decode=device"] if "detection" in config else []
     cfg = project(
         config.removesuffix(".yaml"),
         f"engine.name={engine}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,6 +23,23 @@ class StreamConfig(Section):
     reader_cpus: float = Field(0.5, description="CPUs reserved per reader actor")
     read_retries: int = Field(2, description="retries of a failed read before tiles are skipped")
     tile_cache: int = Field(16, description="decoded tiles kept per open slide")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        "auto",
+        description="where training tiles are decoded. cpu: the reader actors cut, augment and ship "
+        "pixels. device: the readers fetch each tile's compressed bytes by range and draw its "
+        "augmentation; the train worker decodes them where its model runs (nvJPEG on a GPU), then "
+        "cuts, resamples and augments there. auto: device when the workers have GPUs and the task "
+        "has no multi-crop views, else cpu",
+    )
+
+    @model_validator(mode="after")
+    def _device_needs_no_pixels(self) -> StreamConfig:
+        if self.decode == "device" and self.augment.hsv_filter:
+            raise ValueError(
+                "data.stream.decode: device ships tiles undecoded, and augment.hsv_filter needs "
+                "their pixels on the reader: use decode: cpu (or auto) with the HSV filter"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pathray.datasets.augment import augment, hsv_tile_ok, multicrop
+from pathray.datasets.augment import AUGMENT_FIELDS, augment, draw_augment, hsv_tile_ok, multicrop
 from pathray.datasets.config import StreamConfig
 from pathray.datasets.manifest import manifest_mpp
 from pathray.models.tasks import TaskSpec
@@ -128,29 +128,36 @@ class TileReader:
         self.task = task
         self.storage = storage
         self.faults = faults
+        self.packed = config.decode == "device" and not task.views
 
-    def _read(
-        self, slide: Any, coords: list[tuple[int, int]], size: int, mpp: float
-    ) -> list[np.ndarray | None]:
+    def _read(self, slide: Any, coords: list[tuple[int, int]], size: int, mpp: float) -> list[Any]:
         """Read a group, retrying; a group that keeps failing is read tile by tile, skipping failures.
 
         Storage that stays down past its deadline (the storage layer has retried by then) skips
         the rest of the group at once, counted, instead of waiting out a deadline per tile.
+        Tiles are pixels, or with ``decode: device`` packed regions (``tiledecode.pack_region``).
         """
+        if self.packed:
+            from pathray.wsi.backends.compressed import CompressedTileReader
+
+            compressed = CompressedTileReader.for_slide(slide)
+            read_batch, read_one = compressed.packed_regions, None
+        else:
+            read_batch, read_one = slide.read_batch, slide.read
         for attempt in range(self.config.read_retries + 1):
             try:
-                return list(slide.read_batch(coords, size, mpp))
+                return list(read_batch(coords, size, mpp))
             except StorageUnavailableError as exc:
                 return self._skip(slide.uri, coords, exc)
             except SlideError:
                 if self.faults is not None and attempt < self.config.read_retries:
                     self.faults.retried()
-        out: list[np.ndarray | None] = []
+        out: list[Any] = []
         for k, (x, y) in enumerate(coords):
             tile = None
             for _ in range(self.config.read_retries + 1):
                 try:
-                    tile = slide.read(x, y, size, mpp)
+                    tile = read_one(x, y, size, mpp) if read_one else read_batch([(x, y)], size, mpp)[0]
                     break
                 except StorageUnavailableError as exc:
                     return out + self._skip(slide.uri, coords[k:], exc)
@@ -161,7 +168,7 @@ class TileReader:
             out.append(tile)
         return out
 
-    def _skip(self, uri: str, coords: list[tuple[int, int]], exc: StorageError) -> list[np.ndarray | None]:
+    def _skip(self, uri: str, coords: list[tuple[int, int]], exc: StorageError) -> list[Any]:
         if self.faults is not None:
             self.faults.tiles_skipped(uri, len(coords), exc.cause)
         return [None] * len(coords)
@@ -177,7 +184,7 @@ class TileReader:
                 int(batch["size"][i]),
             )
             groups.setdefault(key, []).append(i)
-        tiles: list[np.ndarray | None] = [None] * n
+        tiles: list[Any] = [None] * n
         slide_mpp: dict[str, float] = {}
         for (uri, override, mpp, size), idx in groups.items():
             try:
@@ -205,14 +212,18 @@ class TileReader:
         return True
 
     def _rows(
-        self, batch: dict[str, np.ndarray], tiles: list[np.ndarray | None], slide_mpp: dict[str, float]
+        self, batch: dict[str, np.ndarray], tiles: list[Any], slide_mpp: dict[str, float]
     ) -> dict[str, np.ndarray]:
+        """Rows of the tiles read: pixels (``image``) or packed regions (``packed``) with their
+        augmentation drawn (``augment``), and the task's targets, already moved as the pixels will be."""
         cfg, task = self.config, self.task
         cols: dict[str, list[Any]] = {k: [] for k in ("slide_id", "x", "y", "mpp", "label", "epoch")}
         images: dict[str, list[np.ndarray]] = {}
         targets: list[Any] = []
+        packed: list[bytes] = []
+        draws: list[np.ndarray] = []
         for i, tile in enumerate(tiles):
-            if tile is None or not hsv_tile_ok(tile, cfg.augment):  # augment.hsv_filter: Midnight's
+            if tile is None or not (self.packed or hsv_tile_ok(tile, cfg.augment)):  # Midnight's filter
                 continue
             uri = str(batch["uri"][i])
             x, y, mpp, size = (
@@ -232,10 +243,17 @@ class TileReader:
                 extent = size * mpp / slide_mpp[uri]
                 index = annotation_index(str(batch["annotations_uri"][i]), self.storage)
                 target = task.target(index, x, y, extent, size, str(batch["label"][i]))
-                if cfg.augmentation:
-                    tile, spatial = augment(tile, cfg.augment, rng)
-                    target = task.follow(target, spatial)
-                images.setdefault("image", []).append(tile)
+                if self.packed:  # decoded, cut and augmented where the model runs (collate_tiles)
+                    if cfg.augmentation:
+                        draw = draw_augment(cfg.augment, rng, size)
+                        target = task.follow(target, draw.spatial)
+                        draws.append(draw.vector())
+                    packed.append(tile)
+                else:
+                    if cfg.augmentation:
+                        tile, spatial = augment(tile, cfg.augment, rng)
+                        target = task.follow(target, spatial)
+                    images.setdefault("image", []).append(tile)
                 targets.append(target)
             for key, value in (
                 ("slide_id", slide_id),
@@ -247,6 +265,10 @@ class TileReader:
             ):
                 cols[key].append(value)
         out: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in cols.items()}
+        if self.packed:
+            out["packed"] = np.asarray(packed + [b""], dtype=object)[:-1]  # bytes kept whole, not as S-dtype
+            if cfg.augmentation:
+                out["augment"] = np.asarray(draws, np.float32).reshape(-1, AUGMENT_FIELDS)
         for name, views in images.items():
             out[name] = np.stack(views) if views else np.zeros((0, 1, 1, 3), np.uint8)
         if not task.views:
@@ -329,6 +351,11 @@ def build_tile_dataset(
     """
     import ray
 
+    if config.decode == "device" and task.views:
+        raise ValueError(
+            "data.stream.decode: device is for tasks with one image a tile; multi-crop views are cut "
+            "by the readers: use decode: cpu (or auto)"
+        )
     storage = storage or StorageConfig()
     rows = slide_rows(manifest, split, config, range(epoch, epoch + max(1, epochs)))
     if not rows:
@@ -354,30 +381,58 @@ def build_tile_dataset(
     )
 
 
-def tile_collate() -> Any:
+def decode_on_device(config: StreamConfig, task: TaskSpec, use_gpu: bool) -> StreamConfig:
+    """``config`` with ``decode: auto`` settled: device for GPU workers on a task with one image a
+    tile (multi-crop views and the HSV filter need pixels on the readers), else cpu."""
+    if config.decode != "auto":
+        return config
+    device = use_gpu and not task.views and not config.augment.hsv_filter
+    return config.model_copy(update={"decode": "device" if device else "cpu"})
+
+
+def tile_collate(device: Any = None) -> Any:
     """``iter_torch_batches(collate_fn=tile_collate())``: ``collate_tiles`` as the callable class
-    Ray Data asks for (a plain function is deprecated there)."""
+    Ray Data asks for (a plain function is deprecated there). ``device``: where packed tiles
+    (``decode: device``) are decoded, cut and augmented."""
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class TileCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return collate_tiles(batch)
+            return collate_tiles(batch, device)
 
     return TileCollate()
 
 
-def collate_tiles(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+def collate_tiles(batch: dict[str, np.ndarray], device: Any = None) -> dict[str, Any]:
     """Numbers become tensors, ids stay strings (``tile_collate`` wraps it for Ray Data).
 
     Ray's default collation cannot turn ``slide_id`` and ``label`` into tensors; the training
     loop still wants them (per-slide metrics, debugging), so they come through as lists.
+    Packed tiles (``decode: device``) become ``image`` on ``device`` (default CPU): one batched
+    decode (nvJPEG on a GPU), the regions cut and resampled there, then the augmentation the
+    reader drew; ``(N, H, W, 3)`` uint8 as the readers' pixels.
     """
     import torch
 
     out: dict[str, Any] = {}
+    if "packed" in batch:
+        batch = dict(batch)
+        out["image"] = packed_images(batch.pop("packed"), batch.pop("augment", None), device or "cpu")
     for key, value in batch.items():
         if value.dtype.kind in "biuf":
             out[key] = torch.from_numpy(np.require(value, requirements=["C", "W"]))
         else:
             out[key] = [str(v) for v in value]
     return out
+
+
+def packed_images(packed: Any, draws: np.ndarray | None, device: Any) -> Any:
+    """Packed tiles (``decode: device``) -> ``(N, H, W, 3)`` uint8 on ``device``: decoded in one
+    batch (nvJPEG on a GPU), cut and resampled there, then given the augmentation ``draws``."""
+    from pathray.datasets.augment import augment_tiles
+    from pathray.wsi.tiledecode import decode_regions
+
+    images = decode_regions(list(packed), device)
+    if draws is not None:
+        images = augment_tiles(images, draws)
+    return images.permute(0, 2, 3, 1)

@@ -46,6 +46,7 @@ class EvalTiles:
         stream = self.stream.model_copy(
             update={
                 "augmentation": False,
+                "decode": "cpu",  # held-out batches are kept as pixels
                 "sampler": self.stream.sampler.model_copy(
                     update={"kind": sampler, "tiles_per_slide": self.tiles_per_slide}
                 ),

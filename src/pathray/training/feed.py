@@ -149,8 +149,13 @@ class ProcessFeed:
         self._loader.start()
 
     def _load(self) -> None:
-        """Slot -> pinned buffer -> device (its own stream); the slot is free again once copied out."""
+        """Slot -> pinned buffer -> device (its own stream); the slot is free again once copied out.
+
+        Packed tiles (``data.stream.decode: device``) come through the queue as bytes and are
+        decoded, cut and augmented on the device, on the same stream."""
         import torch
+
+        from pathray.datasets.stream import packed_images
 
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
@@ -163,16 +168,24 @@ class ProcessFeed:
                 return
             slot, strings = item
             out: dict[str, Any] = dict(strings)
-            for key, array in self._slots.items():
-                host = torch.from_numpy(np.asarray(array[slot]))
+            packed = out.pop("packed", None)  # decode: device, tiles as stored: decoded on the device
+            draws = np.array(self._slots["augment"][slot]) if packed and "augment" in self._slots else None
+            moved = [k for k in self.schema if not (packed and k == "augment")]
+            for key in moved:
+                host = torch.from_numpy(np.asarray(self._slots[key][slot]))
                 out[key] = host.pin_memory() if cuda else host.clone()
             self._free.put(slot)
             if cuda:
                 with torch.cuda.stream(stream):
-                    for key in self.schema:
+                    for key in moved:
                         out[key] = out[key].to(self.device, non_blocking=True)
                         out[key].record_stream(consumer)  # freed for reuse only after the step used it
+                    if packed:
+                        out["image"] = packed_images(packed, draws, self.device)
+                        out["image"].record_stream(consumer)
                 stream.synchronize()
+            elif packed:
+                out["image"] = packed_images(packed, draws, self.device)
             while not self._stop.is_set():
                 try:
                     self._out.put(out, timeout=0.1)

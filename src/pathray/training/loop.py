@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tick = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=job.train.batch_size,
-            collate_fn=tile_collate(),
+            collate_fn=tile_collate(device),  # packed tiles (data.stream.decode: device) decode there
             local_shuffle_buffer_size=job.train.shuffle_buffer or None,
             drop_last=True,
         ):

@@ -121,7 +121,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from pathray.datasets.manifest import load_manifest, training_subset, validate_manifest
-    from pathray.datasets.stream import build_tile_dataset
+    from pathray.datasets.stream import build_tile_dataset, decode_on_device
     from pathray.registry import LEARNERS
     from pathray.training.evaluate import EvalTiles
     from pathray.training.loop import Validation, train_loop_per_worker
@@ -147,6 +147,7 @@ def run_training(
     ray_storage_path, ray_filesystem = arrow_filesystem(storage_path, cfg.storage)
     train_slides = manifest if cfg.data.split is None else manifest[manifest["split"] == cfg.data.split]
     epochs = epochs_needed(cfg, len(train_slides))
+    stream = decode_on_device(cfg.data.stream, task, cfg.scale.use_gpu)
 
     def train_dataset() -> Any:
         # Called at every (re)start of the worker group: a restarted run continues with the
@@ -154,7 +155,7 @@ def run_training(
         start = int(latest_state(run_dir, cfg.storage).get("epoch", 0))
         return build_tile_dataset(
             manifest,
-            cfg.data.stream,
+            stream,
             task,
             cfg.storage,
             split=cfg.data.split,
