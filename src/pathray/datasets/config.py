@@ -18,7 +18,12 @@ class StreamConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     augmentation: bool = Field(True, description="off for validation and preview of raw tiles")
     seed: int = 0
-    read_batch: int = Field(128, description="coordinates per reader call, all from one slide")
+    read_batch: int = Field(
+        256,
+        description="coordinates per reader call, all from one slide: one output block of tiles "
+        "(256 of 224 px: 38 MB); larger calls spread each call's fixed cost (sampling, a Ray task, "
+        "a block) over more tiles",
+    )
     readers: int = Field(2, description="most reader actors")
     reader_cpus: float = Field(0.5, description="CPUs reserved per reader actor")
     read_retries: int = Field(2, description="retries of a failed read before tiles are skipped")
