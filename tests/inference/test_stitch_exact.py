@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from blocks import CLASSES, ColourClassifier, ColourSegmenter, expected_map, write_blocks_slide
 
 from pathray.inference.analyze import analyze_slide
@@ -109,3 +110,27 @@ def test_a_repeated_chunk_is_ignored_and_chunks_are_small(blocks):
         assert not twice.add(r)  # a retried chunk arrives again: ignored
     assert once.done_tiles == twice.done_tiles == plan.n_tiles
     np.testing.assert_array_equal(once.finish().class_map, twice.finish().class_map)
+
+
+@pytest.mark.parametrize(("overlap", "out_mpp", "shared"), [(0.25, 4.0, True), (0.3, 8.0, False)])
+def test_window_means_are_the_box_means_of_each_tile(blocks, overlap, out_mpp, shared):
+    """Each map pixel a tile covers gets the mean of exactly the tile pixels under it, whether every
+    tile of a batch has the same boxes (a grid on the map's pixels) or each has its own."""
+    from pathray.inference.reduce import _edges, window_means
+
+    uri, _ = blocks
+    config = InferenceConfig(overlap=overlap, out_mpp=out_mpp, min_tissue=0.0, clip_to_tissue=False)
+    plan = plan_grid(open_slide(uri), seg_spec(), config)
+    xs, ys = plan.xs[:12], plan.ys[:12]
+    s = plan.tile_size
+    probs = torch.rand(len(xs), len(CLASSES), s, s, generator=torch.Generator().manual_seed(0))
+    means, rows, cols, heights, widths = window_means(probs, plan, xs, ys)
+    k = means.shape[-1]
+    ey = _edges(ys, rows, k, plan.downsample, s / plan.extent, s)
+    ex = _edges(xs, cols, k, plan.downsample, s / plan.extent, s)
+    assert bool((ey == ey[:, :1]).all() and (ex == ex[:, :1]).all()) is shared
+    for i in range(len(xs)):
+        for j in range(heights[i]):
+            for q in range(widths[i]):
+                box = probs[i, :, ey[0, i, j] : ey[1, i, j], ex[0, i, q] : ex[1, i, q]]
+                torch.testing.assert_close(means[i, :, j, q], box.mean((1, 2)), rtol=1e-5, atol=1e-6)

@@ -37,11 +37,23 @@ def window_means(
     if s == 1:
         return probs, rows, cols, heights, widths
     d, scale = plan.downsample, s / plan.extent
-    wy = _box_weights(_edges(ys, rows, k, d, scale, s), s, probs.device)
-    wx = _box_weights(_edges(xs, cols, k, d, scale, s), s, probs.device)
+    ey, ex = _edges(ys, rows, k, d, scale, s), _edges(xs, cols, k, d, scale, s)
+    if _shared(ey) and _shared(ex):  # a grid on the map's pixels: every tile has the same boxes
+        wy, wx = _box_weights(ey[:, :1], s, probs.device)[0], _box_weights(ex[:, :1], s, probs.device)[0]
+        return wy @ probs.float() @ wx.T, rows, cols, heights, widths  # (k, s) @ (n, c, s, s) @ (s, k)
     # (n, k, s) @ (n, c, s, s) @ (n, s, k): every box mean as two small batched matmuls
-    means = torch.einsum("njp,ncpq,nkq->ncjk", wy, probs.float(), wx)
+    means = torch.einsum(
+        "njp,ncpq,nkq->ncjk",
+        _box_weights(ey, s, probs.device),
+        probs.float(),
+        _box_weights(ex, s, probs.device),
+    )
     return means, rows, cols, heights, widths
+
+
+def _shared(edges: np.ndarray) -> bool:
+    """Whether every tile of the batch has the same box edges (``(2, n, k)``)."""
+    return bool((edges == edges[:, :1]).all())
 
 
 def _box_weights(edges: np.ndarray, s: int, device: torch.device) -> torch.Tensor:
