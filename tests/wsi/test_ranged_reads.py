@@ -177,6 +177,30 @@ def test_batches_read_from_many_threads_and_through_the_tile_cache_match_local(u
     assert all(np.array_equal(a, b) for a, b in zip(again, got[-1], strict=True))
 
 
+def test_a_local_batch_reads_and_decodes_each_stored_tile_once(uploaded):
+    """A batch's regions share their stored tiles on local disk too: each is read (and decoded)
+    once a batch, with the tile cache off, and the pixels are the per-region reads'."""
+    path, _ = uploaded[SLIDES[0]]
+    slide = open_slide(path, mpp=0.5, cache=False, tile_cache=0)
+    w, h = slide.dimensions
+    rng = np.random.default_rng(3)
+    coords = [(int(x), int(y)) for x, y in rng.integers(0, (w // 4, h // 4), (24, 2))]  # they overlap
+    before = slide.bytes_read
+    alone = [slide.read(x, y, 256, 0.5) for x, y in coords]
+    per_region = slide.bytes_read - before
+    before = slide.bytes_read
+    batch = slide.read_batch(coords, 256, 0.5)
+    batched = slide.bytes_read - before
+    assert all(np.array_equal(a, b) for a, b in zip(batch, alone, strict=True))
+    assert batched < per_region / 2
+    before = slide.bytes_read
+    slide.read(*coords[0], 256, 0.5)
+    one = slide.bytes_read - before
+    before = slide.bytes_read
+    slide.read_batch([coords[0]] * 8, 256, 0.5)  # the same region 8 times: its tiles once
+    assert slide.bytes_read - before == one
+
+
 def test_merging_cuts_the_number_of_gets(uploaded, s3_storage, requests_of):
     path, uri = uploaded[SLIDES[1]]
     offsets, lengths = shuffled(path, 150, seed=1)

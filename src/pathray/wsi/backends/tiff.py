@@ -189,9 +189,11 @@ class TiffSlideBackend(Slide):
 
     @contextlib.contextmanager
     def _prefetched(self, level: int, boxes: list[tuple[int, int, int, int]]) -> Iterator[None]:
+        """A ``read_batch``'s regions made together, local or remote: each stored tile they share
+        is read and decoded once a batch (random regions of one slide share most of theirs)."""
         lv = self._tiled[level] if level < len(self._tiled) else None
-        if lv is None or (lv.width, lv.height) != self._dims[level] or not self._ranges.remote:
-            yield  # local files: a pread per region is as fast, and lighter
+        if lv is None or (lv.width, lv.height) != self._dims[level]:
+            yield  # a level tifffile does not tile as the pyramid says: read region by region
             return
         self._batch.tiles = batch = _BatchRegions(self, level, lv, boxes)
         try:
