@@ -280,11 +280,6 @@ class RangeReader:
             if location.protocol == "s3" and storage.presigned_reads:
                 self._presigned = PresignedRanges(self._fs, location, storage.presign_expires_s)
 
-    @property
-    def remote(self) -> bool:
-        """Whether reads cross a network (batching them pays off)."""
-        return self._fd is None
-
     def read_ranges(self, offsets: list[int], lengths: list[int]) -> list[bytes]:
         """Bytes at ``offsets[i]:offsets[i]+lengths[i]``, in order."""
         out = [b""] * len(offsets)
