@@ -4,8 +4,9 @@
     python benchmarks/tiles.py --size 16384 --regions 500
 
 Prints a table, then ``vs_openslide=X vs_decode_bound=Y s3_vs_local=Z``. All rows read the
-same random regions inside tissue, in the same process, pinned to one core (the SeaweedFS
-server is a separate process). pathray reads in batches of ``--batch`` regions per slide, as
+same random regions inside tissue, in the same process, pinned to one core. The SeaweedFS
+server is a separate process on the other cores, as object storage never shares the reader's
+core (its CPU per region is printed too). pathray reads in batches of ``--batch`` regions per slide, as
 the tile stream does; its decoded-tile cache and the S3 block cache are off so no row profits
 from repeats (except the one row that says so). The rows behind ``s3_vs_local`` are timed in
 ``--rounds`` interleaved rounds and report their medians, so a shared machine that gets busier
@@ -21,19 +22,40 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
 
+if TYPE_CHECKING:
+    from pathray.cluster.local import LocalObjectStore
 
-def pin_to_one_core() -> str:
-    if hasattr(os, "sched_setaffinity"):
-        core = min(os.sched_getaffinity(0))
+
+def pin_to_one_core(store: LocalObjectStore) -> str:
+    """Start ``store`` on every core but one, then pin this process to that one (so the server,
+    whose threads keep the affinity they start with, never takes the readers' core)."""
+    if not hasattr(os, "sched_setaffinity"):
+        store.start()
+        return "unpinned"
+    cores = os.sched_getaffinity(0)
+    core = min(cores)
+    os.sched_setaffinity(0, cores - {core} or cores)
+    try:
+        store.start()
+    finally:
         os.sched_setaffinity(0, {core})
-        return f"core {core}"
-    return "unpinned"
+    server = sorted(cores - {core}) or "the same core"
+    return f"core {core} (SeaweedFS on {server})"
+
+
+def server_cpu(store: LocalObjectStore) -> float:
+    """CPU seconds the SeaweedFS server (and its children) have used so far."""
+    import psutil
+
+    proc = psutil.Process(store._proc.pid)  # type: ignore[union-attr]
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
 
 
 def ensure_slide(workdir: Path, size: int, seed: int) -> Path:
@@ -97,11 +119,16 @@ def batches(coords: list[tuple[int, int]], size: int) -> list[list[tuple[int, in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pathray.datasets.config import StreamConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32768, help="slide width and height (level 0)")
     parser.add_argument("--regions", type=int, default=1000)
     parser.add_argument(
-        "--batch", type=int, default=128, help="regions per read_batch (the stream's read_batch)"
+        "--batch",
+        type=int,
+        default=StreamConfig().read_batch,
+        help="regions per read_batch (default: the stream's data.stream.read_batch)",
     )
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--mpp", type=float, default=0.5)
@@ -117,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--s3-batches", type=int, nargs="*", default=[32, 64], help="extra S3 rows: batch sizes"
+        "--s3-batches", type=int, nargs="*", default=[64, 128], help="extra S3 rows: batch sizes"
     )
     parser.add_argument(
         "--set",
@@ -137,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = ensure_slide(args.workdir, args.size, args.seed)
-    where = pin_to_one_core()
+    store = LocalObjectStore()
+    where = pin_to_one_core(store)
     extent = round(args.tile * args.mpp / 0.25)
     coords = random_regions(path, args.regions, extent, args.seed)
     groups = batches(coords, args.batch)
@@ -201,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("openslide read_region loop (baseline)", rate(openslide_loop, args.seconds)))
     rows.append(("decode bound (JPEG decode of touched tiles)", rate(decode_only, args.seconds)))
     s3_name = f"pathray SeaweedFS S3 (127.0.0.1), read_batch of {args.batch}"
-    with LocalObjectStore() as store:
+    with store:
         uri = store.upload_file(path, store.url_for(f"bench/{path.name}"))
         base = store.storage_config()  # the endpoint and where its credentials are, plus --set
         storage = type(base).model_validate(base.model_dump() | dict(s.split("=", 1) for s in args.set))
@@ -212,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             s3_name: pathray_batches(remote, groups),
         }
         rows.extend(rates(compared, args.seconds, args.rounds).items())
-        before, requests = remote.bytes_read, remote.counter.requests
+        before, requests, cpu = remote.bytes_read, remote.counter.requests, server_cpu(store)
         pathray_batches(remote, groups)()
+        s3_server_ms = (server_cpu(store) - cpu) / len(coords) * 1e3
         s3_bytes = (remote.bytes_read - before) / len(coords)
         s3_gets = (remote.counter.requests - requests) / len(groups)
         for size in args.s3_batches:
@@ -240,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:50s} {value:10.0f}")
     print(
         f"S3 bytes fetched per region: {s3_bytes / 1e3:.0f} kB of a {path.stat().st_size / 1e6:.0f} MB "
-        f"object, {s3_gets:.1f} GETs per read_batch of {args.batch}"
+        f"object, {s3_gets:.1f} GETs per read_batch of {args.batch}, "
+        f"{s3_server_ms:.2f} ms of server CPU"
     )
     baseline = table["openslide read_region loop (baseline)"]
     best_local = max(table["pathray local, read_batch"], table["pathray local, read() per region"])
