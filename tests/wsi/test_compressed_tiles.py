@@ -404,3 +404,37 @@ def test_nvjpeg_decodes_the_same_pixels(cmu, jpeg_tiff, synthetic):
     assert got.is_cuda
     for g, w in zip(got.cpu().permute(0, 2, 3, 1).numpy(), slide.read_batch(coords, 224, 0.7), strict=True):
         assert_close(g, w, GPU_MAX_ABS, MEAN_ABS)
+
+
+def test_tiles_that_regions_share_are_decoded_once_and_only_within_their_slide(
+    synthetic, jpeg_tiff, monkeypatch
+):
+    """Overlapping regions (as one batch's are) decode each stored tile once; two slides' tiles at
+    the same level and index are not taken for each other."""
+    decoded: list[int] = []
+    real = tiledecode.decode_tiles
+
+    def counting(tiles, *args, **kwargs):
+        decoded.append(len(tiles))
+        return real(tiles, *args, **kwargs)
+
+    monkeypatch.setattr(tiledecode, "decode_tiles", counting)
+    coords = [(400 + 30 * i, 500 + 20 * i) for i in range(8)]  # 8 regions over the same few tiles
+    readers = [
+        CompressedTileReader.for_slide(open_slide(synthetic, cache=False)),
+        CompressedTileReader.for_slide(open_slide(jpeg_tiff, mpp=0.25, cache=False)),
+    ]
+    blobs = [b for r in readers for b in r.packed_regions(coords, 224, 0.5)]
+    got = tiledecode.decode_regions(blobs).permute(0, 2, 3, 1).numpy()
+    want = [w for r in readers for w in r.read_batch(coords, 224, 0.5).permute(0, 2, 3, 1).numpy()]
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, 0, 0.0)
+    tiles = [t for b in blobs for t in tiledecode.unpack_region(b).tiles]
+    stored = {(t.codec, t.data) for t in tiles}
+    assert decoded == [len(stored)]
+    assert len(stored) < len(tiles) / 2  # the regions did share tiles
+    per_slide = [
+        {(t.level, t.index) for b in bs for t in tiledecode.unpack_region(b).tiles}
+        for bs in (blobs[:8], blobs[8:])
+    ]
+    assert per_slide[0] & per_slide[1]  # both slides have tiles at the same (level, index)

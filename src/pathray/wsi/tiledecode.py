@@ -554,13 +554,23 @@ def decode_regions(blobs: Sequence[bytes], device: Any = "cpu", workers: int = 0
     """Packed regions -> one ``(N, 3, h, w)`` uint8 tensor on ``device``.
 
     Every region's tiles are decoded in one ``decode_tiles`` call (one nvJPEG batch on ``cuda``),
-    then cut and resampled there. The regions must come out the same size (one stream's tiles).
+    then cut and resampled there. A tile that several regions share (same codec and bytes: the
+    regions of one batch overlap) is decoded once. The regions must come out the same size (one
+    stream's tiles).
     """
     import torch
 
     regions = [unpack_region(b) for b in blobs]
-    tiles = [t for r in regions for t in r.tiles]
-    images = decode_tiles(tiles, device=device, workers=workers)
+    first: dict[tuple[TileCodec, bytes], int] = {}  # a stored tile -> its place in ``unique``
+    unique: list[CompressedTile] = []
+    which: list[int] = []  # each region's tiles, in order -> their place in ``unique``
+    for tile in (t for r in regions for t in r.tiles):
+        k = first.setdefault((tile.codec, tile.data), len(unique))
+        if k == len(unique):
+            unique.append(tile)
+        which.append(k)
+    decoded = decode_tiles(unique, device=device, workers=workers)
+    images = [decoded[k] for k in which]
     out, k = [], 0
     for region in regions:
         n = len(region.tiles)
