@@ -134,3 +134,24 @@ def test_window_means_are_the_box_means_of_each_tile(blocks, overlap, out_mpp, s
             for q in range(widths[i]):
                 box = probs[i, :, ey[0, i, j] : ey[1, i, j], ex[0, i, q] : ex[1, i, q]]
                 torch.testing.assert_close(means[i, :, j, q], box.mean((1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_tissue_map_is_the_mask_at_each_map_pixels_centre(blocks):
+    uri, _ = blocks
+    plan = plan_grid(open_slide(uri), seg_spec(), InferenceConfig(overlap=0.25))
+    got = plan.tissue_map()
+    assert got is not None and got.shape == plan.map_shape
+    th, tw = plan.tissue_shape
+    mask = np.unpackbits(plan.tissue_bits, count=th * tw).reshape(th, tw).astype(bool)
+    d = plan.downsample / plan.tissue_downsample
+    want = np.array(
+        [
+            [
+                mask[min(int((r + 0.5) * d), th - 1), min(int((c + 0.5) * d), tw - 1)]
+                for c in range(got.shape[1])
+            ]
+            for r in range(got.shape[0])
+        ]
+    )
+    np.testing.assert_array_equal(got, want)
+    assert 0 < got.mean() < 1  # the glass corner is out, the blocks are in

@@ -21,10 +21,13 @@ FAILED_COLOR = (255, 0, 255)
 
 
 def class_areas_mm2(class_map: np.ndarray, classes: list[str], out_mpp: float) -> dict[str, float]:
-    """Area of every class in mm²: its pixel count times (out_mpp / 1000)²."""
-    counts = np.bincount(class_map.ravel(), minlength=256)
+    """Area of every class in mm²: its pixel count times (out_mpp / 1000)².
+
+    Counted class by class (a few ms for a 2048² map, where ``bincount`` first widens every pixel
+    to 64 bits).
+    """
     px = (out_mpp / 1000.0) ** 2
-    return {name: float(counts[i]) * px for i, name in enumerate(classes)}
+    return {name: float(np.count_nonzero(class_map == i)) * px for i, name in enumerate(classes)}
 
 
 @dataclass
