@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pathray.cluster.local import LocalObjectStore
 
 
-def pin_to_one_core(store: LocalObjectStore) -> str:
+def start_store_then_pin(store: LocalObjectStore) -> str:
     """Start ``store`` on every core but one, then pin this process to that one (so the server,
     whose threads keep the affinity they start with, never takes the readers' core)."""
     if not hasattr(os, "sched_setaffinity"):
@@ -54,7 +54,7 @@ def server_cpu(store: LocalObjectStore) -> float:
     """CPU seconds the SeaweedFS server (and its children) have used so far."""
     import psutil
 
-    proc = psutil.Process(store._proc.pid)  # type: ignore[union-attr]
+    proc = psutil.Process(store.pid)
     return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
 
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     path = ensure_slide(args.workdir, args.size, args.seed)
     store = LocalObjectStore()
-    where = pin_to_one_core(store)
+    where = start_store_then_pin(store)
     extent = round(args.tile * args.mpp / 0.25)
     coords = random_regions(path, args.regions, extent, args.seed)
     groups = batches(coords, args.batch)
