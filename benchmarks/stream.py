@@ -5,10 +5,12 @@
     python benchmarks/stream.py --repeat 3             # 3 interleaved stream/plain pairs per store
 
 Both sides run the same code (``ChunkReader.read``: ``sample_slide`` then ``TileReader``,
-augmentation included) on the same synthetic slides, on local disk and on the SeaweedFS endpoint
-(127.0.0.1), with 2 CPUs. Peak memory is the summed PSS of the driver and every Ray process,
-sampled twice a second in the two memory runs only (sampling PSS costs CPU the timed runs would
-feel), so shared object-store pages are not counted twice. Last line:
+augmentation included) in processes of their own set up alike (``own_process``: the allocator
+keeps freed batches, ``data.stream.reader_keeps_memory``) on the same synthetic slides, on local
+disk and on the SeaweedFS endpoint (127.0.0.1), with 2 CPUs. Peak memory is the summed PSS of
+the driver and every Ray process, sampled twice a second in the two memory runs only (sampling
+PSS costs CPU the timed runs would feel), so shared object-store pages are not counted twice.
+Last line:
 ``stream_vs_plain=X peak_rss_mb=Y rss_growth=Z`` (X: the lower of the local and S3 ratios of
 overall tiles/s, start-up included, the median over ``--repeat`` pairs; Y: at the big run;
 Z: peak at the big run / peak at the small run, flat memory is 1.0). The table also shows the
@@ -61,7 +63,7 @@ def _plain_worker(args: tuple[list[dict], Any, Any]) -> tuple[int, tuple[float, 
     from pathray.wsi.patching.tissue import TissueConfig
 
     rows, config, storage = args
-    reader = ChunkReader(config, segmentation(), storage or StorageConfig(), TissueConfig())
+    reader = ChunkReader(config, segmentation(), storage or StorageConfig(), TissueConfig(), own_process=True)
     done, first = 0, None
     for row in rows:
         out = reader.read(row)

@@ -28,6 +28,7 @@ import pandas as pd
 from pathray.datasets.augment import AUGMENT_FIELDS, augment, draw_augment, hsv_tile_ok, multicrop
 from pathray.datasets.config import StreamConfig
 from pathray.datasets.manifest import manifest_mpp
+from pathray.heap import keep_freed_memory
 from pathray.models.tasks import TaskSpec
 from pathray.registry import SAMPLERS
 from pathray.storage import StorageConfig, StorageError, StorageUnavailableError, redact
@@ -296,7 +297,12 @@ class ChunkReader:
         tissue: TissueConfig,
         worker: int = 0,
         faults: FaultLedger | None = None,
+        own_process: bool = False,
     ) -> None:
+        """``own_process``: the reader is what its process is for (a Ray Data actor, a benchmark's
+        worker), so it may set the process's allocator as ``config.reader_keeps_memory`` says."""
+        if own_process and config.reader_keeps_memory:
+            keep_freed_memory()
         self.config, self.storage, self.tissue = config, storage, tissue
         self.worker, self.faults = worker, faults
         self.tiles = TileReader(config, task, storage, faults)
@@ -371,6 +377,7 @@ def build_tile_dataset(
             "tissue": tissue or TissueConfig(),
             "worker": worker,
             "faults": faults,
+            "own_process": True,
         },
         batch_size=1,  # one (slide, chunk) row per call: its tiles are one output block
         batch_format="numpy",
