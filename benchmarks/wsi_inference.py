@@ -16,7 +16,9 @@ tissue mask is computed once before either side is timed. Rounds run both sides 
 than best-of-each-side when other work shares the box; each round also prints the CPU seconds
 each side used (their ratio is the pipeline's overhead in work, whatever the load). A row per
 ``--decode`` mode runs the pipeline with ``inference.decode`` set to it (default ``device``:
-compressed tiles fetched by range and decoded by ``tiledecode`` where the model runs). Last line:
+compressed tiles fetched by range and decoded by ``tiledecode`` where the model runs). The
+process's allocator keeps freed memory, as Serve replicas and batch-analysis actors have it
+(``inference.keep_freed_memory``; ``--release-memory``: as a user's own process). Last line:
 
     analysis_vs_model=X tiles_per_s=Y model_tiles_per_s=Z decode_device_vs_model=W
 
@@ -181,7 +183,7 @@ def cpu_rounds(args: argparse.Namespace, uri: str, storage: Any, package: str) -
         f"{args.batch_size}, {cpus} CPUs; pipeline: {config.compute_threads} model threads x "
         f"{config.torch_threads} torch threads, {config.read_threads} reader threads, decode "
         f"{getattr(config, 'decode', 'cpu')}; model alone: best of (model threads, torch threads) "
-        f"{layouts}; slide on {args.store}",
+        f"{layouts}; slide on {args.store}; freed memory {'returned' if args.release_memory else 'kept'}",
         flush=True,
     )
     model_alone(predictor.model, batches[:2], 1, cpus)  # warm-up
@@ -429,7 +431,17 @@ def main(argv: list[str] | None = None) -> int:
         "--gpu", action="store_true", help="ViT-S/16 in bf16 on CUDA, Ray- and tiffslide-free"
     )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="--gpu: cpu for a dry run")
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="leave the allocator as a user's own process has it (default: as Serve replicas and batch "
+        "actors set it, inference.keep_freed_memory)",
+    )
     args = parser.parse_args(argv)
+    if not args.release_memory:  # this process analyses slides and nothing else, as a replica does
+        from pathray.heap import keep_freed_memory
+
+        args.release_memory = not keep_freed_memory()
     args.size = args.size or (16384 if args.gpu else 32768)
     args.batch_size = args.batch_size or (256 if args.gpu else 32)
     args.tile = args.tile or ("engine" if args.gpu else "128@1.0")

@@ -40,6 +40,13 @@ class InferenceConfig(Section):
         description="CPU: torch intra-op threads, set process-wide when the predictor is built; 0: as is",
     )
     read_batch: int = Field(16, ge=1, description="tiles per read_batch call of one reader thread")
+    keep_freed_memory: bool = Field(
+        True,
+        description="processes that exist to analyse slides (Serve model replicas, batch-analysis "
+        "actors) keep the memory each batch frees for the next (glibc: no mmap, no trim) instead of "
+        "faulting it back in from several threads at once; their memory stays at its peak. A "
+        "process of your own that calls analyze_slide is left as it is",
+    )
     max_failed_share: float = Field(
         0.05,
         ge=0.0,

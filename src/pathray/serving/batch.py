@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pathray.heap import keep_freed_memory
 from pathray.inference.config import InferenceConfig
 from pathray.storage import StorageConfig, join_uri, redact, write_bytes
 from pathray.wsi.patching.tissue import TissueConfig
@@ -40,6 +41,8 @@ class SlideAnalyzer:
         self.storage = StorageConfig.model_validate(storage or {})
         self.tissue = TissueConfig.model_validate(tissue or {})
         config = InferenceConfig.model_validate(inference or {})
+        if config.keep_freed_memory:  # the actor's process is there to analyse slides
+            keep_freed_memory()
         self.predictor = Predictor.from_package(model_uri, self.storage, config)
         self.model_uri, self.out_uri = model_uri, out_uri
 

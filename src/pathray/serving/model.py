@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from pathray.heap import keep_freed_memory
 from pathray.lru import LruCache
 from pathray.serving.config import ServeAppConfig
 from pathray.serving.store import ModelStore
@@ -63,6 +64,8 @@ class ModelServer:
         self.config = config
         section = config.serve.model
         torch.set_num_threads(section.torch_threads or max(1, int(section.num_cpus or 1)))
+        if config.inference.keep_freed_memory:  # the replica's process is there to predict
+            keep_freed_memory()
         self.store = ModelStore(config.serve.models, config.storage)
         self._embedders: LruCache[str, Any] = LruCache(section.max_models_per_replica)  # id -> TileEmbedder
 
