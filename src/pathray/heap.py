@@ -17,10 +17,11 @@ def keep_freed_memory() -> bool:
     glibc gives each allocation over its mmap threshold (128 kB, rising to 32 MB) pages of its
     own and hands them back when it is freed. A reader that cuts 256 tiles a batch allocates
     the same few hundred MB again every batch, so every page of it is faulted in and zeroed
-    again: 685k page faults and 2 s of kernel time in a 10k-tile reader actor, against 160k
-    and 0.7 s with this setting (benchmarks/stream.py). With it the process's memory stays at
-    its peak, so call it only in a process that exists to do such work (a reader actor, a
-    benchmark's worker), never in a user's own process.
+    again: 666k-685k page faults and 1.8-2.1 s of kernel time in a 10k-tile reader actor,
+    against 145k-160k and 0.6-0.7 s with this setting (benchmarks/stream.py, /proc/<pid>/stat).
+    With it the process's memory stays at its peak, so call it only in a process that exists
+    to do such work (a reader actor, a Serve replica, a benchmark's worker), never in a user's
+    own process.
 
     Returns whether the allocator took the setting (False where malloc is not glibc's: macOS,
     musl, Windows, which are left as they are).
