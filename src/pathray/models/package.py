@@ -151,6 +151,50 @@ def read_package_config(uri: str, storage: StorageConfig | None = None) -> Packa
     return validate(PackageConfig, yaml.safe_load(text) or {}, f"{join_uri(uri, CONFIG_FILE)}: ")
 
 
+def with_package_backbone(engine: EngineConfig) -> EngineConfig:
+    """``engine`` whose ``weights`` name a local model package (its folder or the weights file in it,
+    e.g. an SSL run's exported teacher ``runs/<run>/model``) as the package's backbone: its
+    ``preset``, ``model`` and ``model_kwargs`` (registers, LayerScale: the weights fit no other
+    architecture; the section's own keys go over them), and its normalisation and pooling where the
+    section leaves them unset, with ``weights`` the package's weights file. Anything else is
+    returned as it is.
+
+    Raises:
+        ValueError: the section names another engine, preset or timm model than the package's.
+    """
+    from pathlib import Path
+
+    if not engine.weights or "://" in engine.weights or ":" in engine.weights.split("/", 1)[0]:
+        return engine
+    path = Path(engine.weights).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if not ((folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
+        return engine
+    if path != folder and path.name != WEIGHTS_FILE:
+        return engine
+    package = read_package_config(str(folder))
+    source = package.engine
+    for key in ("name", "preset", "model"):
+        mine, theirs = getattr(engine, key), getattr(source, key)
+        if key == "name" and mine != theirs or key != "name" and mine is not None and mine != theirs:
+            raise ValueError(
+                f"engine.{key} {mine!r} contradicts the model package {folder} ({key} {theirs!r}): "
+                f"its weights fit its own architecture; set engine.{key}: {theirs if theirs else 'null'}"
+            )
+    norm = package.normalisation
+    return engine.model_copy(
+        update={
+            "preset": source.preset,
+            "model": source.model,
+            "model_kwargs": {**source.model_kwargs, **engine.model_kwargs},
+            "mean": engine.mean or norm.mean,
+            "std": engine.std or norm.std,
+            "pooling": engine.pooling or source.pooling,
+            "weights": str(folder / WEIGHTS_FILE),
+        }
+    )
+
+
 def read_model_package(uri: str, storage: StorageConfig | None = None) -> ModelPackage:
     """A package's config and weights; a missing folder or file raises FileNotFoundError naming ``uri``."""
     from safetensors.torch import load
