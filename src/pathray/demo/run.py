@@ -91,7 +91,7 @@ def overlay(thumb: np.ndarray, mask: np.ndarray) -> Image.Image:
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, object]:
     """Synthesise slides, put them in storage, open them back from there, write tissue masks."""
-    from pathray.datasets.manifest import synthetic_manifest, write_manifest
+    from pathray.datasets.manifest import synthetic_manifest
     from pathray.wsi.backends.open import open_slide
     from pathray.wsi.patching.tissue import compute_tissue_mask
     from pathray.wsi.synth import SynthConfig, write_synthetic_slides
@@ -116,7 +116,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 progress.advance(task)
         manifest = synthetic_manifest(slides, uri_prefix=f"{prefix}/slides", seed=options.seed)
         manifest["split"] = demo_splits(len(manifest))
-        manifest_path = write_manifest(manifest, out / "manifest.parquet")
+        manifest_path, kept_path = demo_manifests(manifest, out, options.store)
         table = Table(title=f"slides read back from {prefix}")
         for col in ("slide", "label", "split", "reader", "size", "levels", "mpp", "tissue", "read"):
             table.add_column(col)
@@ -157,12 +157,41 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 options.seeds,
                 dashboard=options.dashboard,
             )
-    console.print(f"{'manifest:':28s} {manifest_path}")
+    console.print(f"{'manifest:':28s} {kept_path}")
+    if kept_path != manifest_path:
+        console.print(
+            f"{'bucket manifest:':28s} {manifest_path} (what the demo streamed; needs the endpoint)"
+        )
     console.print(f"{'tissue masks:':28s} {out / 'masks'}")
     for label, path in output_paths(trained).items():
         console.print(f"{label + ':':28s} {path}")
     console.print(f"done in {time.perf_counter() - started:.0f} s")
-    return {"manifest": str(manifest_path), "slides": rows, **trained}
+    return {"manifest": str(kept_path), "bucket_manifest": str(manifest_path), "slides": rows, **trained}
+
+
+def demo_manifests(manifest: Any, out: Path, store: str) -> tuple[Path, Path]:
+    """``(the manifest the demo streams from, the one it leaves for what a user runs next)``.
+
+    The embedded endpoint (``s3``) stops with the demo, so the bucket's manifest
+    (``manifest.s3.parquet``) is dead once it ends; ``manifest.parquet``, which every shipped
+    config defaults to, names the same slides' local copies under ``slides/`` (same ids, splits
+    and labels), so ``pathray train configs/dinov2-pretrain.yaml`` runs on them afterwards. A
+    ``local`` store is a folder that stays: its manifest serves both.
+    """
+    from pathray.datasets.manifest import write_manifest
+
+    kept = out / "manifest.parquet"
+    if store == "local":
+        write_manifest(manifest, kept)
+        return kept, kept
+
+    def local(uris: Any) -> list[str]:
+        return [str(out / "slides" / str(u).rsplit("/", 1)[-1]) for u in uris]
+
+    write_manifest(
+        manifest.assign(uri=local(manifest["uri"]), annotations_uri=local(manifest["annotations_uri"])), kept
+    )
+    return write_manifest(manifest, out / "manifest.s3.parquet"), kept
 
 
 def output_paths(trained: dict[str, Any]) -> dict[str, str]:
