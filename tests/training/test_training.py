@@ -146,3 +146,29 @@ def test_the_other_project_configs_train_a_few_steps(ray_local, project, tmp_pat
         assert math.isfinite(m["test/probe_accuracy"]), m
     else:  # the held-out slides' annotated nuclei were counted: recall is defined only then
         assert math.isfinite(m["test/recall"]) and math.isfinite(m["test/f1"]), m
+
+
+def test_the_training_stream_is_built_as_quiet_as_the_driver_has_ray_data(ray_local, project, tmp_path):
+    """Ray Train builds the stream in its controller, whose Ray Data context is Ray's default
+    (progress bars on): the driver's console settings (ensure_ray: off) go with it, so no progress
+    bar of Ray Data runs through `pathray train`'s own lines."""
+    import ray
+    from ray.data import DataContext
+
+    from pathray.datasets.manifest import load_manifest
+    from pathray.training.trainer import TrainDataset
+
+    cfg = project("quiet")
+    assert DataContext.get_current().enable_progress_bars is False  # ensure_ray's
+    manifest = load_manifest(cfg.data.manifest)
+    factory = TrainDataset(cfg, manifest, cfg.data.stream, cfg.task_spec(), str(tmp_path / "run"), 1)
+
+    @ray.remote(num_cpus=0)
+    def build_elsewhere(factory: TrainDataset) -> tuple[bool, bool]:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = True  # a fresh process's default
+        ds = factory()
+        return DataContext.get_current().enable_progress_bars, ds.context.enable_progress_bars
+
+    assert ray.get(build_elsewhere.remote(factory)) == (False, False)

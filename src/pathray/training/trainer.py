@@ -108,6 +108,53 @@ def epochs_needed(cfg: ProjectConfig, slides: int) -> int:
     return max(1, math.ceil(1.1 * tiles / per_epoch))
 
 
+# What the driver has set of Ray Data's console output (``ensure_ray``: progress bars off), which
+# the process that builds the training stream must share.
+CONSOLE_SETTINGS = ("enable_progress_bars", "print_on_execution_start")
+
+
+class TrainDataset:
+    """The training stream, as Ray Train builds it: in its controller, at every (re)start of the
+    worker group, so a restarted run continues with the coordinates of the epoch its checkpoint
+    was in, not from epoch 0.
+
+    The controller's Ray Data context is Ray's default, not the driver's: the driver's console
+    settings (``CONSOLE_SETTINGS``, taken when this is made) go with it, or Ray Data's progress
+    bars would run through ``pathray train``'s own lines.
+    """
+
+    def __init__(
+        self, cfg: ProjectConfig, manifest: Any, stream: Any, task: Any, run_dir: str, epochs: int
+    ) -> None:
+        from ray.data import DataContext
+
+        self.cfg, self.manifest, self.stream, self.task = cfg, manifest, stream, task
+        self.run_dir, self.epochs = run_dir, epochs
+        context = DataContext.get_current()
+        self.console = {key: getattr(context, key) for key in CONSOLE_SETTINGS}
+
+    def __call__(self) -> Any:
+        from ray.data import DataContext
+
+        from pathray.datasets.stream import build_tile_dataset
+
+        context = DataContext.get_current()
+        for key, value in self.console.items():
+            setattr(context, key, value)
+        cfg = self.cfg
+        start = int(latest_state(self.run_dir, cfg.storage).get("epoch", 0))
+        return build_tile_dataset(
+            self.manifest,
+            self.stream,
+            self.task,
+            cfg.storage,
+            split=cfg.data.split,
+            epoch=start,
+            epochs=max(1, self.epochs - start),
+            tissue=cfg.tissue,
+        )
+
+
 def run_training(
     cfg: ProjectConfig, manifest: Any = None, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> TrainResult:
@@ -121,7 +168,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from pathray.datasets.manifest import load_manifest, training_subset, validate_manifest
-    from pathray.datasets.stream import build_tile_dataset, decode_on_device
+    from pathray.datasets.stream import decode_on_device
     from pathray.registry import LEARNERS
     from pathray.training.evaluate import EvalTiles
     from pathray.training.loop import Validation, train_loop_per_worker
@@ -149,21 +196,7 @@ def run_training(
     epochs = epochs_needed(cfg, len(train_slides))
     stream = decode_on_device(cfg.data.stream, task, cfg.scale.use_gpu)
 
-    def train_dataset() -> Any:
-        # Called at every (re)start of the worker group: a restarted run continues with the
-        # coordinates of the epoch its checkpoint was in, not from epoch 0.
-        start = int(latest_state(run_dir, cfg.storage).get("epoch", 0))
-        return build_tile_dataset(
-            manifest,
-            stream,
-            task,
-            cfg.storage,
-            split=cfg.data.split,
-            epoch=start,
-            epochs=max(1, epochs - start),
-            tissue=cfg.tissue,
-        )
-
+    train_dataset = TrainDataset(cfg, manifest, stream, task, run_dir, epochs)
     job = WorkerJob.from_project(cfg)
     learner = LEARNERS.get(task.learner)
     val_batches = val_tiles(cfg, manifest, *learner.val_tiles(task)) if learner.validates else None
