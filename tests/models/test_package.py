@@ -80,16 +80,19 @@ def test_a_package_as_engine_weights_brings_its_backbone(tmp_path, save_package,
     size; a project that names another architecture is told which one the weights fit."""
     from pathray.models.config import EngineConfig
     from pathray.models.engines import build_engine
+    from pathray.models.package import with_package_backbone
 
     arch = ["engine.name=debug_vit", "engine.model_kwargs={reg_tokens: 4, init_values: 1.0e-5}"]
     uri = save_package(tmp_path / "ssl" / "model", *arch, "engine.img_size=64", "data.stream.sampler.size=64")
     package = read_model_package(uri)
     monkeypatch.chdir(tmp_path)
-    engine = EngineConfig(name="debug_vit", img_size=96, weights="ssl/model").with_local_weights()
+    engine = with_package_backbone(
+        EngineConfig(name="debug_vit", img_size=96, weights="ssl/model").with_local_weights()
+    )
     assert engine.weights == str(tmp_path / "ssl" / "model" / WEIGHTS_FILE)
     assert engine.model_kwargs == {"reg_tokens": 4, "init_values": 1.0e-5}
     assert engine.mean == tuple(package.config.normalisation.mean)
-    for config in (engine, EngineConfig(name="debug_vit", img_size=96, weights=uri)):
+    for config in (engine, with_package_backbone(EngineConfig(name="debug_vit", img_size=96, weights=uri))):
         built = build_engine(config)  # strictly loaded: registers, LayerScale, pos_embed resampled
         assert built.num_prefix_tokens == 5
         for key, value in built.backbone.state_dict().items():
@@ -99,6 +102,6 @@ def test_a_package_as_engine_weights_brings_its_backbone(tmp_path, save_package,
             pooled, dense = built(built.normalize(torch.zeros(2, 96, 96, 3, dtype=torch.uint8)))
         assert pooled.shape == (2, built.embed_dim) and dense.shape[-1] == 96 // built.dense_stride
     with pytest.raises(ValueError, match="engine.model 'vit_small_patch16_224' contradicts the model"):
-        build_engine(EngineConfig(name="debug_vit", model="vit_small_patch16_224", weights=uri))
+        with_package_backbone(EngineConfig(name="debug_vit", model="vit_small_patch16_224", weights=uri))
     with pytest.raises(ValueError, match="engine.name 'foundation' contradicts"):
-        EngineConfig(name="foundation", weights="ssl/model").with_local_weights()
+        with_package_backbone(EngineConfig(name="foundation", weights="ssl/model").with_local_weights())

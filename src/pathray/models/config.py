@@ -90,9 +90,7 @@ class EngineConfig(Section):
 
     def with_local_weights(self) -> EngineConfig:
         """This section with a local ``weights`` path made absolute (a Ray worker runs in another
-        folder), and a model package's backbone adopted (``package.with_package_backbone``: an SSL
-        run's teacher with registers fine-tunes as a ViT with registers); ``hf-cache:``,
-        ``hf-hub:``, ``timm:`` and URLs are left as they are.
+        folder); ``hf-cache:``, ``hf-hub:``, ``timm:`` and URLs are left as they are.
 
         Raises:
             ValueError: a local path that does not exist (named, with the folder it was taken from).
@@ -103,9 +101,7 @@ class EngineConfig(Section):
         path = Path(source).expanduser()
         if not path.exists():
             raise ValueError(f"engine.weights {source!r}: no such file or folder (from {Path.cwd()})")
-        from pathray.models.package import with_package_backbone  # that module imports this one
-
-        return with_package_backbone(self.model_copy(update={"weights": str(path.resolve())}))
+        return self.model_copy(update={"weights": str(path.resolve())})
 
     @property
     def finetune_mode(self) -> tuple[str, int]:

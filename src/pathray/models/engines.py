@@ -131,10 +131,7 @@ def engine_defaults(name: str, preset: str | None = None) -> dict[str, Any]:
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """The engine ``config.name`` names, built from its config, its fine-tuning mode applied; weights
-    that are a model package bring its backbone's architecture (``with_package_backbone``)."""
-    from pathray.models.package import with_package_backbone
-
-    engine = engine_entry(config.name).build(with_package_backbone(config))
+    """The engine ``config.name`` names, built from its config, its fine-tuning mode applied."""
+    engine = engine_entry(config.name).build(config)
     engine.prepare_training()
     return engine

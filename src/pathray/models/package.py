@@ -157,7 +157,7 @@ def with_package_backbone(engine: EngineConfig) -> EngineConfig:
     ``preset``, ``model`` and ``model_kwargs`` (registers, LayerScale: the weights fit no other
     architecture; the section's own keys go over them), and its normalisation and pooling where the
     section leaves them unset, with ``weights`` the package's weights file. Anything else is
-    returned as it is.
+    returned as it is. ``pathray train`` applies it to the project's engine section.
 
     Raises:
         ValueError: the section names another engine, preset or timm model than the package's.

@@ -169,6 +169,7 @@ def run_training(
 
     from pathray.datasets.manifest import load_manifest, training_subset, validate_manifest
     from pathray.datasets.stream import decode_on_device
+    from pathray.models.package import with_package_backbone
     from pathray.registry import LEARNERS
     from pathray.training.evaluate import EvalTiles
     from pathray.training.loop import Validation, train_loop_per_worker
@@ -177,7 +178,8 @@ def run_training(
     from pathray.training.tracking import check_tracking, track_run
 
     check_tracking(cfg.tracking)  # before training, not after it
-    cfg = cfg.model_copy(update={"engine": cfg.engine.with_local_weights()})  # workers run elsewhere
+    # workers run elsewhere; a model package as weights brings its backbone (an SSL run's teacher)
+    cfg = cfg.model_copy(update={"engine": with_package_backbone(cfg.engine.with_local_weights())})
     if manifest is None:
         if not cfg.data.manifest:
             raise ValueError("data.manifest is not set")
