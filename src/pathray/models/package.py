@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field
 
-from pathray.models.config import EngineConfig, TaskConfig
+from pathray.models.config import WEIGHT_SCHEMES, EngineConfig, TaskConfig
 from pathray.section import Section, validate
 from pathray.storage import ObjectNotFoundError, StorageConfig, join_uri, read_bytes, write_bytes
 
@@ -162,11 +163,10 @@ def with_package_backbone(engine: EngineConfig) -> EngineConfig:
     Raises:
         ValueError: the section names another engine, preset or timm model than the package's.
     """
-    from pathlib import Path
-
-    if not engine.weights or "://" in engine.weights or ":" in engine.weights.split("/", 1)[0]:
+    source_uri = engine.weights
+    if not source_uri or "://" in source_uri or source_uri.split(":", 1)[0] in WEIGHT_SCHEMES:
         return engine
-    path = Path(engine.weights).expanduser()
+    path = Path(source_uri).expanduser()
     folder = path if path.is_dir() else path.parent
     if not ((folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
         return engine
@@ -176,7 +176,7 @@ def with_package_backbone(engine: EngineConfig) -> EngineConfig:
     source = package.engine
     for key in ("name", "preset", "model"):
         mine, theirs = getattr(engine, key), getattr(source, key)
-        if key == "name" and mine != theirs or key != "name" and mine is not None and mine != theirs:
+        if mine != theirs and (key == "name" or mine is not None):  # unset: the package's
             raise ValueError(
                 f"engine.{key} {mine!r} contradicts the model package {folder} ({key} {theirs!r}): "
                 f"its weights fit its own architecture; set engine.{key}: {theirs if theirs else 'null'}"
