@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -14,9 +16,10 @@ def ensure_ray(
     Without an address a new local Ray starts even when a ``ray start`` cluster runs on this
     machine (Ray itself would attach to that one): set ``RAY_ADDRESS=auto`` to attach to it.
 
-    A local Ray binds to 127.0.0.1, without usage reporting, and gets progress bars off, so a
-    laptop run and a test look the same as a cluster run. Its dashboard starts only with
-    ``dashboard`` (on 127.0.0.1 too; port 8265 or the next free one): it costs seconds and memory.
+    A local Ray listens on 127.0.0.1 only (its GCS, raylet, agents and workers; see
+    ``loopback_node``), without usage reporting, and gets progress bars off, so a laptop run and a
+    test look the same as a cluster run. Its dashboard starts only with ``dashboard`` (on 127.0.0.1
+    too; port 8265 or the next free one): it costs seconds and memory.
 
     Returns the dashboard's URL when ``dashboard`` is set and one is known (a cluster's own
     dashboard when attaching to one), else None.
@@ -31,15 +34,16 @@ def ensure_ray(
     if address:
         context = ray.init(address=address, **kwargs)
     else:
-        context = ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=kwargs.pop("log_to_driver", True),
-            **kwargs,
-        )
+        with loopback_node():
+            context = ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                log_to_driver=kwargs.pop("log_to_driver", True),
+                **kwargs,
+            )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -47,3 +51,24 @@ def ensure_ray(
     if not dashboard or not url:
         return None
     return url if "://" in url else f"http://{url}"
+
+
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """While open, a Ray node started in this process takes 127.0.0.1 as its address.
+
+    ``ray.init`` turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address (Ray
+    2.60: ``services.resolve_ip_for_localhost``), and its GCS, raylet and workers then listen on
+    every interface. Ray keeps the loopback address only where it treats the machine as one that
+    joins no cluster (``ray_constants.ENABLE_RAY_CLUSTER`` false, as on macOS and Windows), so that
+    flag is lowered for the start alone. It is not set in the environment: a ``ray start``
+    run from this process, to join or head a real cluster, must not inherit it.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
