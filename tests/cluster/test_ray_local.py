@@ -38,3 +38,34 @@ def test_a_local_ray_listens_on_loopback_only(ray_local):
     assert any(name == "gcs_server" for _, _, name in listening)  # Ray's processes were seen
     exposed = [entry for entry in listening if not _loopback(entry[0])]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_workers_of_a_local_ray_drop_only_the_state_api_warning(ray_local, caplog):
+    """Without the dashboard, Ray Train's placement-group cleaner warned once a second, for the
+    whole run, that the State API was unavailable; every worker of the local Ray now runs
+    ``quiet_worker``, which drops that warning and no other."""
+    import logging
+
+    import ray
+
+    from pathray.cluster import ray_local as rl
+
+    @ray.remote(num_cpus=0)
+    def cleaner_filters() -> list[str]:
+        return [getattr(f, "__name__", "") for f in logging.getLogger(rl._CLEANER_LOGGER).filters]
+
+    assert "_not_state_api_unavailable" in ray.get(cleaner_filters.remote())
+
+    logger = logging.getLogger(rl._CLEANER_LOGGER)
+    saved = list(logger.filters)
+    try:
+        rl.quiet_worker()
+        with caplog.at_level(logging.WARNING, logger=rl._CLEANER_LOGGER):
+            logger.warning(
+                "Failed to query Ray Train Controller actor state. State API may be temporarily "
+                "unavailable. Continuing to monitor."
+            )
+            logger.warning("Failed to clean up placement group: boom")
+        assert [r.getMessage() for r in caplog.records] == ["Failed to clean up placement group: boom"]
+    finally:
+        logger.filters[:] = saved

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+# Run by every worker of a local Ray started without the dashboard (see ``quiet_worker``).
+QUIET_WORKER_HOOK = "pathray.cluster.ray_local.quiet_worker"
+# Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether the
+# training controller lives, once a second, and warns each time it cannot ask.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_NO_STATE_API = "Failed to query Ray Train Controller actor state"
 
 
 def ensure_ray(
@@ -19,7 +27,8 @@ def ensure_ray(
     A local Ray listens on 127.0.0.1 only (its GCS, raylet, agents and workers; see
     ``loopback_node``), without usage reporting, and gets progress bars off, so a laptop run and a
     test look the same as a cluster run. Its dashboard starts only with ``dashboard`` (on 127.0.0.1
-    too; port 8265 or the next free one): it costs seconds and memory.
+    too; port 8265 or the next free one): it costs seconds and memory. Without it, the job's
+    workers run ``quiet_worker`` as they start (unless ``runtime_env`` names a hook of its own).
 
     Returns the dashboard's URL when ``dashboard`` is set and one is known (a cluster's own
     dashboard when attaching to one), else None.
@@ -34,6 +43,10 @@ def ensure_ray(
     if address:
         context = ray.init(address=address, **kwargs)
     else:
+        if not dashboard:
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            runtime_env.setdefault("worker_process_setup_hook", QUIET_WORKER_HOOK)
+            kwargs["runtime_env"] = runtime_env
         with loopback_node():
             context = ray.init(
                 address="local",
@@ -72,3 +85,19 @@ def loopback_node() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def quiet_worker() -> None:
+    """Worker set-up of a local Ray without the dashboard: drops the one warning that only says
+    the dashboard is off.
+
+    Ray Train's placement-group cleaner warns once a second, for the whole run, that the State API
+    is unavailable (it is served by the dashboard). That check cannot succeed on such a cluster,
+    and the cluster ends with its driver, so the warning tells nothing; the cleaner's other
+    warnings, and every other logger, are left as they are.
+    """
+    logging.getLogger(_CLEANER_LOGGER).addFilter(_not_state_api_unavailable)
+
+
+def _not_state_api_unavailable(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_CLEANER_NO_STATE_API)
