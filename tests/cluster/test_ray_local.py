@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import psutil
 
@@ -43,7 +44,8 @@ def test_a_local_ray_listens_on_loopback_only(ray_local):
 def test_workers_of_a_local_ray_drop_only_the_state_api_warning(ray_local, caplog):
     """Without the dashboard, Ray Train's placement-group cleaner warned once a second, for the
     whole run, that the State API was unavailable; every worker of the local Ray now runs
-    ``quiet_worker``, which drops that warning and no other."""
+    ``quiet_worker``, which drops that warning and no other, and this process's environment
+    keeps no trace of the hook."""
     import logging
 
     import ray
@@ -55,6 +57,10 @@ def test_workers_of_a_local_ray_drop_only_the_state_api_warning(ray_local, caplo
         return [getattr(f, "__name__", "") for f in logging.getLogger(rl._CLEANER_LOGGER).filters]
 
     assert "_not_state_api_unavailable" in ray.get(cleaner_filters.remote())
+    # set for the raylet's start alone: a `ray start` or job this process runs later does not inherit it
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    assert WORKER_PROCESS_SETUP_HOOK_ENV_VAR not in os.environ
 
     logger = logging.getLogger(rl._CLEANER_LOGGER)
     saved = list(logger.filters)
