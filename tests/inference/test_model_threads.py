@@ -1,5 +1,6 @@
 """Model threads take whole batches in grid order: every thread has work (also inside one chunk), the
-results are those of one thread, and a failure in any batch reaches the caller."""
+results are those of one thread, a failure in any batch reaches the caller, and the threads are the
+predictor's: kept between calls until ``close``."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ class Recorder(ColourSegmenter):
         super().__init__()
         self.delay, self.fail_at = delay, fail_at
         self.threads: list[str] = []
+        self.runners: list[threading.Thread] = []
         self.lock = threading.Lock()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with self.lock:
             self.threads.append(threading.current_thread().name)
+            self.runners.append(threading.current_thread())
             calls = len(self.threads)
         if self.fail_at is not None and calls >= self.fail_at:
             raise RuntimeError(f"batch {calls} failed")
@@ -76,23 +79,89 @@ def test_chunks_come_in_order_an_empty_one_too(slide):
     assert [r.n_tiles for r in results] == [7, 0, 7, 7]
 
 
-def test_a_failing_batch_fails_the_call_and_leaves_no_thread_behind(slide):
-    p = predictor(Recorder(fail_at=5), threads=2)
+def ours(before: set[threading.Thread] = frozenset()) -> set[threading.Thread]:
+    """The predictor threads alive now that were not in ``before``."""
+    now = {t for t in threading.enumerate() if t.name.startswith(("pathray-model", "pathray-tiles"))}
+    return now - before
+
+
+def test_the_same_threads_serve_every_call_until_close(slide):
+    model = Recorder()
+    p = predictor(model, threads=2)
     plan = plan_grid(slide, p.spec, p.config)
-    before = {t.name for t in threading.enumerate()}
+    chunks = plan.chunks(8)[:3]
+    before = ours()
+    first = list(p.iter_chunks(slide, plan, chunks))
+    used = set(model.runners)
+    model.runners.clear()
+    second = list(p.iter_chunks(slide, plan, chunks))
+    assert set(model.runners) <= used and all(t.is_alive() for t in used)  # kept, not started again
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.probs, b.probs)
+    p.close()
+    assert not [t for t in used if t.is_alive()] and not ours(before)
+    (again,) = p.iter_chunks(slide, plan, chunks[:1])  # a closed predictor starts new threads
+    np.testing.assert_array_equal(again.probs, first[0].probs)
+    p.close()
+    assert not ours(before)
+
+
+def test_a_failing_batch_fails_the_call_and_the_threads_serve_the_next(slide):
+    model = Recorder(fail_at=5)
+    p = predictor(model, threads=2)
+    plan = plan_grid(slide, p.spec, p.config)
     with pytest.raises(RuntimeError, match="failed"):
         list(p.iter_chunks(slide, plan, plan.chunks(8)))
-    left = {t.name for t in threading.enumerate()} - before
-    assert not [name for name in left if name.startswith(("pathray-model", "pathray-tiles"))]
+    model.fail_at = None
+    chunk = plan.chunks(8)[0]
+    (result,) = p.iter_chunks(slide, plan, [chunk])
+    (alone,) = predictor(ColourSegmenter(), threads=1).iter_chunks(slide, plan, [chunk])
+    np.testing.assert_array_equal(result.probs, alone.probs)
+    with p:  # closes on exit
+        pass
+    assert not [t for t in set(model.runners) if t.is_alive()]
 
 
-def test_a_consumer_that_stops_early_stops_the_threads(slide):
+def test_a_consumer_that_stops_early_stops_the_work(slide):
     model = Recorder(delay=0.01)
     p = predictor(model, threads=2)
     plan = plan_grid(slide, p.spec, p.config)
     chunks = plan.chunks(4)
     results = p.iter_chunks(slide, plan, chunks)
     next(results)
-    results.close()  # e.g. the analysis failed on too many lost tiles
-    assert len(model.threads) < len(chunks)  # the rest of the slide was not predicted
-    assert not [t for t in threading.enumerate() if t.name.startswith(("pathray-model", "pathray-tiles"))]
+    results.close()  # e.g. the analysis failed on too many lost tiles: returns once the threads stopped
+    done = len(model.threads)
+    assert done < len(chunks)  # the rest of the slide was not predicted
+    time.sleep(0.1)
+    assert len(model.threads) == done  # nothing still running or queued
+    p.close()
+    assert not [t for t in set(model.runners) if t.is_alive()]
+
+
+class Threads(ColourSegmenter):
+    """The colour segmenter, noting how many torch threads each batch's ops get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.counts.append(torch.get_num_threads())
+        return super().forward(images)
+
+
+def test_kept_threads_take_the_torch_threads_each_call_starts_with(slide):
+    model = Threads()
+    p = predictor(model, threads=2)
+    plan = plan_grid(slide, p.spec, p.config)
+    chunks = plan.chunks(8)[:2]
+    before = torch.get_num_threads()
+    try:
+        for n in (2, 1, 2):
+            torch.set_num_threads(n)
+            model.counts.clear()
+            list(p.iter_chunks(slide, plan, chunks))
+            assert model.counts and set(model.counts) == {n}
+    finally:
+        torch.set_num_threads(before)
+        p.close()

@@ -106,11 +106,11 @@ def score_slide(
     t0 = time.perf_counter()
     spec = predictor.spec
     config = eval_config(predictor.config, slide, spec.tile_mpp)
-    evaluator = Predictor(predictor.model, spec, config)
     plan = plan_grid(slide, spec, config, tissue, mask=evaluation_mask(slide, index, tissue))
     stitcher = Stitcher(plan, spec)
-    for result in evaluator.iter_chunks(slide, plan, plan.chunks(config.chunk_tiles)):
-        stitcher.add(result)
+    with Predictor(predictor.model, spec, config) as evaluator:
+        for result in evaluator.iter_chunks(slide, plan, plan.chunks(config.chunk_tiles)):
+            stitcher.add(result)
     out = stitcher.finish()
     metric = metric_for(predictor)
     rows, cols = plan.map_shape

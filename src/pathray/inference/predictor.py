@@ -9,9 +9,10 @@ A Serve replica calls ``predict_chunk`` per chunk; offline runs and the CLI use 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,38 @@ class Predictor:
             self.config.precision == "auto" and self.device.type == "cuda"
         )
         self.dtype = torch.bfloat16 if bf16 else None
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pools_lock = threading.Lock()
+
+    def _threads(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        """``(model threads, reader threads)``, started on first use and kept for later calls.
+
+        A thread keeps the memory glibc gave it (its arena): new threads for every slide or chunk
+        fault the model's activations in again each time (347k against 64k page faults in four
+        passes of ``benchmarks/wsi_inference.py``, 2-3 % of the CPU). Calls from several threads
+        share them: their batches wait for the model threads in turn.
+        """
+        with self._pools_lock:
+            if self._pools is None:
+                cfg = self.config
+                self._pools = (
+                    ThreadPoolExecutor(cfg.compute_threads, thread_name_prefix="pathray-model"),
+                    ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="pathray-tiles"),
+                )
+            return self._pools
+
+    def close(self) -> None:
+        """Stop the predictor's threads once their work is done (a later call starts new ones)."""
+        with self._pools_lock:
+            pools, self._pools = self._pools, None
+        for pool in pools or ():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_package(
@@ -134,7 +167,8 @@ class Predictor:
 
         ``compute_threads`` model threads take whole batches in grid order, so every thread has
         work until the last batch (also within one chunk); the caller stitches chunk ``i`` while
-        they predict chunk ``i + 1``. A slide given by URI is opened at the plan's mpp (a slide
+        they predict chunk ``i + 1``. The threads are the predictor's, kept between calls
+        (``close`` stops them). A slide given by URI is opened at the plan's mpp (a slide
         without mpp metadata was planned with an override; a replica reading its tiles needs the
         same one).
         """
@@ -151,25 +185,33 @@ class Predictor:
             source = CompressedSource(slide, plan, self.device)
         else:
             source = PixelSource(slide, plan, cfg.batch_size, pinned=self.device.type == "cuda")
-        reader = TileReader(plan, chunks, source, cfg.read_threads, cfg.read_batch, cfg.batch_size)
+        models, readers = self._threads()
+        reader = TileReader(plan, chunks, source, readers, cfg.read_threads, cfg.read_batch, cfg.batch_size)
         states = [ChunkParts(chunk, n) for chunk, n in zip(chunks, reader.per_chunk, strict=True)]
         for state in states:
             if not state.batches:  # an empty chunk: no batch will finish it
                 state.done.set_result(self._assemble(plan, state))
         workers = max(1, min(cfg.compute_threads, len(reader.todo)))
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="pathray-model")
+        intra = cfg.torch_threads or torch.get_num_threads()  # as the caller has it now
+        work = [models.submit(self._work, plan, reader, states, intra) for _ in range(workers)]
         try:
-            for _ in range(workers):
-                pool.submit(self._work, plan, reader, states)
             for state in states:
                 yield state.done.result()
         finally:
             reader.close()  # the model threads take no more batches
-            pool.shutdown(wait=True)
+            wait(work)
 
-    def _work(self, plan: GridPlan, reader: TileReader, states: list[ChunkParts]) -> None:
+    def _work(self, plan: GridPlan, reader: TileReader, states: list[ChunkParts], intra: int) -> None:
         """One model thread: predict batches until none are left; the last batch of a chunk
-        assembles its result. A failure fails every chunk not yet done."""
+        assembles its result. A failure fails every chunk not yet done.
+
+        ``intra``: torch threads of each op. A thread takes torch's count once, when it first
+        runs an op, and these threads outlive the call: two model threads that had started while
+        the process was set to 2 each ran 2 OpenMP threads on 2 CPUs (0.87 of the model's speed
+        against 0.92).
+        """
+        if torch.get_num_threads() != intra:
+            torch.set_num_threads(intra)
         try:
             while (batch := reader.next_batch()) is not None:
                 state = states[batch.pos]

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,7 +150,8 @@ class Batch:
 
 
 class TileReader:
-    """Reads the tiles of ``chunks`` in grid order, model batch by model batch, on ``threads`` threads.
+    """Reads the tiles of ``chunks`` in grid order, model batch by model batch, on ``pool``'s
+    ``threads`` threads (the predictor's, which outlive the reader).
 
     ``PixelSource`` splits each batch into reads of ``read_batch`` tiles that write into the rows
     of the batch's buffer, so a batch reaches the model without being stacked or copied again;
@@ -165,6 +166,7 @@ class TileReader:
         plan: GridPlan,
         chunks: list[Chunk],
         source: PixelSource | CompressedSource,
+        pool: Executor,
         threads: int,
         read_batch: int,
         batch: int,
@@ -178,7 +180,7 @@ class TileReader:
         self.per_chunk = [-(-len(c) // batch) for c in chunks]
         self.read_batch = max(1, read_batch) if isinstance(source, PixelSource) else batch
         self.lookahead = lookahead or 2 * threads + 2
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pathray-tiles")
+        self.pool = pool
         self.queued: deque[Batch] = deque()
         self.inflight = 0
         self.closed = False
@@ -219,14 +221,15 @@ class TileReader:
             self.source.buffers.put(batch.buffer)
 
     def close(self) -> None:
-        """Stop handing out batches and cancel the reads not started yet."""
+        """Stop handing out batches, cancel the reads not started yet and wait for those running
+        (a batch handed out is waited for by whoever took it)."""
         with self.lock:
             self.closed = True
-            for batch in self.queued:
-                for _, part in batch.parts:
-                    part.cancel()
+            pending = [part for batch in self.queued for _, part in batch.parts]
             self.queued.clear()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for part in pending:
+            part.cancel()
+        wait(pending)
 
     def __enter__(self) -> TileReader:
         return self

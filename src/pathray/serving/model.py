@@ -126,7 +126,12 @@ class ModelServer:
             real.spec,
             front_cfg,
         )
-        return await asyncio.to_thread(front.predict_chunk, plan.slide_uri, plan, chunk, self.config.storage)
+
+        def run() -> Any:
+            with front:  # its threads are this request's
+                return front.predict_chunk(plan.slide_uri, plan, chunk, self.config.storage)
+
+        return await asyncio.to_thread(run)
 
     def _embedder(self, model_id: str) -> Any:
         """The model's frozen embedder (``load_embedder`` of its package, so the weights digest is the
