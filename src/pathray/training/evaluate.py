@@ -107,9 +107,8 @@ def evaluate_wholeslide(model: torch.nn.Module, task: TaskSpec, tiles: EvalTiles
     sampler = tiles.stream.sampler
     spec = ModelSpec(task, sampler.size, sampler.mpps[0], "evaluation")
     config = InferenceConfig(batch_size=tiles.batch_size, read_threads=2, chunk_tiles=64, overlap=0.0)
-    with Predictor(model, spec, config) as predictor:
-        scores = evaluate_slides(predictor, tiles.slides(), tiles.storage, tiles.tissue, tiles.bootstrap)
-    return scores.metrics
+    predictor = Predictor(model, spec, config)
+    return evaluate_slides(predictor, tiles.slides(), tiles.storage, tiles.tissue, tiles.bootstrap).metrics
 
 
 def constant_baseline(task: TaskSpec, targets: list[torch.Tensor]) -> dict[str, float]:
